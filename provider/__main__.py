@@ -1,0 +1,3 @@
+from provider.cli import main
+
+main()

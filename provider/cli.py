@@ -1,0 +1,345 @@
+"""The ``token-provider`` command line (also ``python -m provider``).
+
+Every command that prints data takes ``--json`` and then prints exactly one JSON document on
+stdout. Secrets are printed once, when created. A bad configuration prints one line,
+``config error: …``, and exits with status 2; a refused operation prints ``error: …`` and exits
+with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from provider import config
+from provider.clients import AUTH_METHODS, GRANT_TYPES, RegistrationError, register_client
+from provider.clients import rotate_secret as rotate_client_secret
+from provider.config import ConfigError, Settings
+from provider.keys import KeyOperationError, add_signing_key, key_states, retire_signing_key
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def _emit(as_json: bool, document: Any, lines: Callable[[], list[str]]) -> None:
+    if as_json:
+        click.echo(json.dumps(document, indent=2, sort_keys=False))
+    else:
+        for line in lines():
+            click.echo(line)
+
+
+def _settings() -> Settings:
+    return config.load()
+
+
+def _provider():
+    from provider.service import Provider
+
+    provider = Provider(_settings())
+    provider.start()
+    return provider
+
+
+def guarded(function: Callable) -> Callable:
+    """Turn refusals into one line on stderr and the documented exit status."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"config error: {exc}", err=True)
+            sys.exit(2)
+        except (RegistrationError, KeyOperationError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Internal OAuth 2.0 token provider."""
+
+
+def main() -> None:
+    cli(prog_name="token-provider")
+
+
+# init / serve -------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@guarded
+def init(as_json: bool) -> None:
+    """Create keys, the database schema and a commented default config (idempotent)."""
+    from provider.service import initialize
+
+    config_path = Path(os.environ.get("PROVIDER_CONFIG") or "instance/provider.toml")
+    wrote_config = False
+    if not config_path.exists():
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(config.DEFAULT_FILE, encoding="utf-8")
+        wrote_config = True
+    created = initialize(_settings())
+    result = {"config": str(config_path), "config_created": wrote_config,
+              "database": "migrated", **created}
+    _emit(as_json, result, lambda: [
+        f"config: {config_path}{' (created)' if wrote_config else ''}",
+        "database: up to date",
+        f"signing key: {'created' if created['signing_key_created'] else 'present'}",
+    ])
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--role", type=click.Choice(config.ROLES), default=None,
+              help="Overrides PROVIDER_ROLE.")
+@guarded
+def serve(host: str, port: int, workers: int, role: str | None) -> None:
+    """Serve HTTP with gunicorn (sync workers, application loaded before forking)."""
+    from gunicorn.app.base import BaseApplication
+
+    from provider import create_app
+
+    if role:
+        os.environ["PROVIDER_ROLE"] = role
+    app = create_app()  # Fails here, with its one line, on bad configuration.
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            settings = {
+                "bind": f"{host}:{port}",
+                "workers": workers,
+                "worker_class": "sync",
+                "preload_app": True,
+                "timeout": 60,
+                "graceful_timeout": 10,
+                "errorlog": "-",
+                "post_fork": lambda _server, _worker: app.extensions["provider"].after_fork(),
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    Server().run()
+
+
+# keys ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """Signing keys: list, rotate, retire."""
+
+
+def _key_view(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"kid": entry["kid"], "alg": entry["alg"], "state": entry["state"],
+            "created_at": _iso(entry["created_at"]), "signs_from": _iso(entry["signs_from"])}
+
+
+def _expiry(settings: Settings) -> int:
+    return settings.tokens.max_access_token_ttl + settings.tokens.leeway
+
+
+@keys.command("list")
+@json_option
+@guarded
+def keys_list(as_json: bool) -> None:
+    provider = _provider()
+    states = key_states(provider.storage.list_signing_keys(), time.time(),
+                        _expiry(provider.settings))
+    document = {"keys": [_key_view(s) for s in states]}
+    _emit(as_json, document, lambda: [
+        f"{k['kid']}  {k['alg']:6} {k['state']:9} created {k['created_at']}"
+        for k in document["keys"]])
+
+
+@keys.command("rotate")
+@json_option
+@guarded
+def keys_rotate(as_json: bool) -> None:
+    """Add a key: published at once, signing after keys.publish_delay."""
+    provider = _provider()
+    settings = provider.settings
+    row = add_signing_key(provider.storage, settings.keys_dir, settings.keys.algorithm,
+                          settings.keys.publish_delay)
+    state = next(s for s in key_states(provider.storage.list_signing_keys(), time.time(),
+                                       _expiry(settings)) if s["kid"] == row["kid"])
+    view = _key_view(state)
+    _emit(as_json, view, lambda: [f"{view['kid']} {view['state']}, signs from {view['signs_from']}"])
+
+
+@keys.command("retire")
+@click.argument("kid")
+@click.option("--force", is_flag=True, help="Retire before its tokens expire (compromised key).")
+@json_option
+@guarded
+def keys_retire(kid: str, force: bool, as_json: bool) -> None:
+    provider = _provider()
+    settings = provider.settings
+    entry = retire_signing_key(provider.storage, settings.keys_dir, kid, _expiry(settings), force)
+    view = _key_view(entry)
+    _emit(as_json, view, lambda: [f"{kid} retired"])
+
+
+# clients ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def clients() -> None:
+    """Registered clients."""
+
+
+@clients.command("create")
+@click.argument("client_id")
+@click.option("--grant-type", "grant_types", multiple=True, required=True,
+              type=click.Choice(GRANT_TYPES))
+@click.option("--scope", required=True, help="Space-separated scopes.")
+@click.option("--audience", "audiences", multiple=True)
+@click.option("--redirect-uri", "redirect_uris", multiple=True)
+@click.option("--auth-method", type=click.Choice(AUTH_METHODS), default="client_secret_basic",
+              show_default=True)
+@click.option("--jwks-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-ip", "allowed_ips", multiple=True, help="CIDR range.")
+@click.option("--token-ttl", type=int)
+@click.option("--may-act")
+@click.option("--introspect", is_flag=True)
+@click.option("--revoke-any", is_flag=True)
+@click.option("--connections", is_flag=True)
+@click.option("--dpop-required", is_flag=True)
+@json_option
+@guarded
+def clients_create(client_id: str, jwks_file: str | None, as_json: bool, **options: Any) -> None:
+    provider = _provider()
+    settings = provider.settings
+    jwks = None
+    if jwks_file:
+        try:
+            jwks = json.loads(Path(jwks_file).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise RegistrationError("the JWKS file is not JSON") from None
+    client, secret = register_client(
+        provider.storage, provider.hasher, issuer=settings.issuer,
+        max_ttl=settings.tokens.max_access_token_ttl, client_id=client_id, jwks=jwks,
+        grant_types=list(options.pop("grant_types")), audiences=list(options.pop("audiences")),
+        redirect_uris=list(options.pop("redirect_uris")),
+        allowed_ips=list(options.pop("allowed_ips")), **options,
+    )
+    document: dict[str, Any] = {"client_id": client.client_id}
+    if secret is not None:
+        document["client_secret"] = secret
+    lines = [f"client_id: {client.client_id}"]
+    if secret is not None:
+        lines.append(f"client_secret: {secret}  (shown once; store it now)")
+    _emit(as_json, document, lambda: lines)
+
+
+@clients.command("list")
+@json_option
+@guarded
+def clients_list(as_json: bool) -> None:
+    from provider.clients import Client
+
+    provider = _provider()
+    views = [_client_view(Client.from_row(r)) for r in provider.storage.list_clients()]
+    _emit(as_json, views, lambda: [
+        f"{v['client_id']}  {v['auth_method']}  {' '.join(v['grant_types'])}" for v in views])
+
+
+def _client_view(client: Any) -> dict[str, Any]:
+    view = client.describe()
+    view["created_at"] = _iso(view["created_at"])
+    return view
+
+
+@clients.command("show")
+@click.argument("client_id")
+@json_option
+@guarded
+def clients_show(client_id: str, as_json: bool) -> None:
+    provider = _provider()
+    client = provider.clients.get(client_id)
+    if client is None:
+        raise RegistrationError(f"no client {client_id!r}")
+    view = _client_view(client)
+    _emit(as_json, view, lambda: [f"{k}: {v}" for k, v in view.items()])
+
+
+@clients.command("delete")
+@click.argument("client_id")
+@json_option
+@guarded
+def clients_delete(client_id: str, as_json: bool) -> None:
+    """Delete a client and revoke every token it holds or derived."""
+    provider = _provider()
+    if not provider.storage.delete_client(client_id):
+        raise RegistrationError(f"no client {client_id!r}")
+    provider.revocations.revoke_client(client_id, "client deleted")
+    _emit(as_json, {"client_id": client_id, "deleted": True},
+          lambda: [f"{client_id} deleted; its tokens are revoked"])
+
+
+@clients.command("rotate-secret")
+@click.argument("client_id")
+@json_option
+@guarded
+def clients_rotate_secret(client_id: str, as_json: bool) -> None:
+    provider = _provider()
+    secret = rotate_client_secret(provider.storage, provider.hasher, client_id)
+    _emit(as_json, {"client_id": client_id, "client_secret": secret},
+          lambda: [f"client_secret: {secret}  (shown once; store it now)"])
+
+
+# revoke -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--jti")
+@click.option("--subject")
+@click.option("--client", "client_id")
+@json_option
+@guarded
+def revoke(jti: str | None, subject: str | None, client_id: str | None, as_json: bool) -> None:
+    """Revoke a token, a subject's or a client's tokens, and all derived from them."""
+    chosen = [(k, v) for k, v in (("jti", jti), ("subject", subject), ("client", client_id)) if v]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --jti, --subject, --client")
+    kind, value = chosen[0]
+    provider = _provider()
+    revocations = provider.revocations
+    if kind == "jti":
+        tokens = provider.settings.tokens
+        expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway
+        revocations.revoke_ids([(value, expires_at)], reason="revoked by operator")
+    elif kind == "subject":
+        revocations.revoke_subject(value, "revoked by operator")
+    else:
+        revocations.revoke_client(value, "revoked by operator")
+    _emit(as_json, {"revoked": {kind: value}}, lambda: [f"revoked {kind} {value}"])
+
+
+if __name__ == "__main__":
+    main()

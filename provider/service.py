@@ -1,0 +1,92 @@
+"""The provider's long-lived parts, built once per process from validated settings.
+
+Protocol modules take a :class:`Provider` and know nothing of Flask; the views pass
+``current_app.extensions["provider"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+
+from provider.clients import ClientRegistry, SecretHasher
+from provider.config import ConfigError, Settings
+from provider.keys import KeySet
+from provider.replay import ReplayCache
+from provider.revocation import RevocationList
+from provider.storage import Storage, create_engine
+
+log = logging.getLogger("provider")
+
+
+class Provider:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        tokens = settings.tokens
+        self.storage = Storage(create_engine(settings.database_url))
+        self.hasher = SecretHasher.load(settings.keys_dir)
+        self.keys = KeySet(self.storage, settings.keys_dir,
+                           token_expiry=tokens.max_access_token_ttl + tokens.leeway)
+        self.clients = ClientRegistry(self.storage)
+        self.redis = _redis(settings.redis_url)
+        self.replay = ReplayCache(self.storage, self.redis)
+        self.revocations = RevocationList(
+            self.storage,
+            interval=settings.revocation_sync_interval,
+            margin=tokens.max_access_token_ttl + tokens.leeway + 60,
+        )
+
+    def start(self) -> None:
+        """Load keys and revocations now, so that a missing ``init`` fails at start-up."""
+        try:
+            self.keys.reload()
+            self.revocations.sync(force=True)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ConfigError(
+                f"database_url: cannot read the provider's tables ({type(exc).__name__}): "
+                "run token-provider init"
+            ) from None
+        try:
+            self.keys.signer()
+        except Exception:  # noqa: BLE001 - reported as the configuration problem it is.
+            raise ConfigError(
+                f"keys_dir: no usable signing key in {self.settings.keys_dir}/signing: "
+                "run token-provider init"
+            ) from None
+
+    def after_fork(self) -> None:
+        """Give a forked worker its own database and Redis connections."""
+        self.storage.dispose()
+        if self.redis is not None:
+            self.redis.connection_pool.reset()
+
+
+def initialize(settings: Settings) -> dict[str, bool]:
+    """``token-provider init``: schema, client-secret hash key and a first signing key.
+
+    Idempotent: what exists is left alone. Returns what was created.
+    """
+    from provider.keys import ensure_signing_key
+    from provider.storage import migrate
+
+    engine = create_engine(settings.database_url)
+    try:
+        migrate(engine)
+        created = {
+            "client_secret_key_created": SecretHasher.create(settings.keys_dir),
+            "signing_key_created": ensure_signing_key(Storage(engine), settings.keys_dir,
+                                                      settings.keys.algorithm),
+        }
+    finally:
+        engine.dispose()
+    return created
+
+
+def _redis(url: str) -> Any | None:
+    if not url:
+        return None
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)

@@ -1,0 +1,181 @@
+"""Storage: a small interface over SQLAlchemy 2 Core, one code path for SQLite and PostgreSQL.
+
+Dialect differences are isolated in :func:`create_engine`: SQLite gets WAL and a busy timeout so
+that several processes can share one file; both get ``hide_parameters`` so that no bound value
+(a secret hash, a token id) ever reaches an exception message or a log line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from provider.storage import schema
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite files get WAL, a busy timeout and their folder created."""
+    if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, hide_parameters=True, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, hide_parameters=True, pool_pre_ping=True, pool_size=5)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Storage:
+    """Every query the provider makes, by purpose."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    def dispose(self) -> None:
+        """Drop pooled connections (after a fork, so that no two processes share a socket)."""
+        self.engine.dispose(close=False)
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
+    # Clients ------------------------------------------------------------------------------
+
+    def get_client(self, client_id: str) -> dict[str, Any] | None:
+        query = sa.select(schema.clients).where(schema.clients.c.client_id == client_id)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        query = sa.select(schema.clients).order_by(schema.clients.c.client_id)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def add_client(self, values: dict[str, Any]) -> bool:
+        """Insert a client; False if the id is taken."""
+        try:
+            with self.transaction() as connection:
+                connection.execute(sa.insert(schema.clients).values(**values))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def set_client_secret_hash(self, client_id: str, secret_hash: bytes) -> bool:
+        statement = (
+            sa.update(schema.clients)
+            .where(schema.clients.c.client_id == client_id)
+            .values(secret_hash=secret_hash)
+        )
+        with self.transaction() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def delete_client(self, client_id: str) -> bool:
+        statement = sa.delete(schema.clients).where(schema.clients.c.client_id == client_id)
+        with self.transaction() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    # Signing keys -------------------------------------------------------------------------
+
+    def list_signing_keys(self) -> list[dict[str, Any]]:
+        query = sa.select(schema.signing_keys).order_by(
+            schema.signing_keys.c.signs_from, schema.signing_keys.c.created_at
+        )
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def add_signing_key(self, values: dict[str, Any]) -> None:
+        with self.transaction() as connection:
+            connection.execute(sa.insert(schema.signing_keys).values(**values))
+
+    def retire_signing_key(self, kid: str, at: float) -> None:
+        statement = (
+            sa.update(schema.signing_keys)
+            .where(schema.signing_keys.c.kid == kid)
+            .values(retired_at=at)
+        )
+        with self.transaction() as connection:
+            connection.execute(statement)
+
+    # Revocations --------------------------------------------------------------------------
+
+    def add_revocations(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            with self.transaction() as connection:
+                connection.execute(sa.insert(schema.revocations), rows)
+
+    def revocations_after(self, after_id: int) -> list[dict[str, Any]]:
+        """Rows with an id above ``after_id``, oldest first."""
+        table = schema.revocations
+        query = (
+            sa.select(table.c.id, table.c.kind, table.c.value, table.c.revoked_at_ms,
+                      table.c.expires_at)
+            .where(table.c.id > after_id)
+            .order_by(table.c.id)
+        )
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def revocation_ids_in(self, ids: list[int]) -> list[dict[str, Any]]:
+        table = schema.revocations
+        query = sa.select(table.c.id, table.c.kind, table.c.value, table.c.revoked_at_ms,
+                          table.c.expires_at).where(table.c.id.in_(ids))
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def purge_expired(self, now: int | None = None) -> None:
+        now = int(time.time()) if now is None else now
+        with self.transaction() as connection:
+            connection.execute(sa.delete(schema.revocations).where(
+                schema.revocations.c.expires_at < now))
+            connection.execute(sa.delete(schema.used_assertions).where(
+                schema.used_assertions.c.expires_at < now))
+
+    # Single-use assertion ids -------------------------------------------------------------
+
+    def claim_once(self, key: str, expires_at: int) -> bool:
+        """Record ``key``; False if it was recorded before and has not expired."""
+        table = schema.used_assertions
+        now = int(time.time())
+        try:
+            with self.transaction() as connection:
+                connection.execute(
+                    sa.delete(table).where(table.c.key == key, table.c.expires_at < now))
+                connection.execute(sa.insert(table).values(key=key, expires_at=expires_at))
+        except sa.exc.IntegrityError:
+            return False
+        return True

@@ -1,0 +1,49 @@
+"""The token (RFC 6749 §3.2), introspection (RFC 7662) and revocation (RFC 7009) endpoints."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+
+from provider import grants
+from provider.client_auth import authenticate
+from provider.clients import Client
+from provider.errors import Forbidden
+from provider.introspection import introspect
+from provider.revocation import revoke_presented_token
+from provider.schemas import TokenRequest, load
+from provider.views import json_response, provider
+from provider.views.forms import read_form
+
+bp = Blueprint("oauth", __name__)
+_token_request = TokenRequest()
+
+
+def _authenticated(form: dict) -> Client:
+    return authenticate(provider(), form, request.headers.get("Authorization"),
+                        request.remote_addr, request.base_url)
+
+
+@bp.post("/token")
+def token():
+    form = read_form()
+    client = _authenticated(form)
+    return json_response(grants.issue(provider(), client, form))
+
+
+@bp.post("/introspect")
+def introspection():
+    form = read_form()
+    client = _authenticated(form)
+    if not client.can_introspect:
+        raise Forbidden("this client may not introspect tokens")
+    params = load(_token_request, form)
+    return json_response(introspect(provider(), params["token"]))
+
+
+@bp.post("/revoke")
+def revocation():
+    form = read_form()
+    client = _authenticated(form)
+    params = load(_token_request, form)
+    revoke_presented_token(provider(), client, params["token"])
+    return json_response({})
