@@ -53,6 +53,7 @@ class RevocationList:
         self._subjects: dict[str, tuple[int, int]] = {}
         self._clients: dict[str, tuple[int, int]] = {}
         self._high = 0
+        self._primed = False  # the first read (at start-up) skips gap tracking: its gaps are purged rows
         self._gaps: dict[int, float] = {}
         self._synced_at = float("-inf")
         self._purged_at = time.monotonic()
@@ -95,18 +96,18 @@ class RevocationList:
         rows = self.storage.revocations_after(self._high)
         if self._gaps:
             rows += self.storage.revocation_ids_in(sorted(self._gaps))
-        first_read = self._high == 0
         seen = set()
         for row in rows:
             self._apply(row)
             seen.add(row["id"])
             self._gaps.pop(row["id"], None)
         new_high = max([self._high, *seen])
-        if not first_read:
+        if self._primed:
             for missing in range(self._high + 1, new_high):
                 if missing not in seen and len(self._gaps) < _MAX_GAPS:
                     self._gaps[missing] = started
         self._high = new_high
+        self._primed = True
         self._gaps = {i: t for i, t in self._gaps.items() if started - t < _GAP_SECONDS}
         if started - self._purged_at > _PURGE_SECONDS:
             self._forget_expired()

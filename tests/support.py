@@ -6,7 +6,7 @@ import base64
 import json
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jwt
 
@@ -65,6 +65,8 @@ class OAuth:
         headers = dict(kwargs.pop("headers", {}))
         if client is not None:
             headers.update(client.basic)
+        if isinstance(data, list):  # repeated names, in order
+            data, kwargs["content_type"] = urlencode(data), FORM
         return self.http.post(path, data=data, headers=headers, **kwargs)
 
     def token(self, client: Registered, **params: Any):
