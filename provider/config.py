@@ -198,7 +198,7 @@ def load(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     elif "PROVIDER_CONFIG" in environ:
-        raise ConfigError(f"PROVIDER_CONFIG names {path}, which does not exist")
+        raise ConfigError(f"PROVIDER_CONFIG names {path}, which does not exist: run token-provider init")
     for variable, name in _ENVIRONMENT.items():
         if environ.get(variable):
             document[name] = environ[variable]
