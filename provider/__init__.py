@@ -20,7 +20,7 @@ __all__ = ["create_app"]
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     settings = config.load(overrides=test_config)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.tokens.max_request_bytes
     app.json.sort_keys = False
     provider = Provider(settings)

@@ -89,7 +89,7 @@ def _basic_credentials(authorization: str) -> tuple[str, str]:
         if not colon:
             raise InvalidClient()
         return unquote_plus(client_id, errors="strict"), unquote_plus(secret, errors="strict")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII base64, bad UTF-8
         raise InvalidClient() from None
 
 

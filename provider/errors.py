@@ -129,6 +129,44 @@ class InsufficientScope(OAuthError):
     error = "insufficient_scope"
     status_code = 403
 
+    def __init__(self, description: str | None = None, scope: str | None = None):
+        challenge = 'Bearer realm="token-provider", error="insufficient_scope"'
+        if scope:
+            challenge += f', scope="{scope}"'
+        super().__init__(description, {"WWW-Authenticate": challenge})
+
+
+class MissingToken(OAuthError):
+    """RFC 6750 §3.1: "If the request lacks any authentication information ..., the resource
+    server SHOULD NOT include an error code or other error information" in the challenge."""
+
+    error = "invalid_request"
+    status_code = 401
+    default_description = "an access token is required in the Authorization header"
+
+    def __init__(self, description: str | None = None):
+        super().__init__(description, {"WWW-Authenticate": 'Bearer realm="token-provider"'})
+
+
+class AccessDenied(OAuthError):
+    """RFC 6749 §4.1.2.1 access_denied: the request is refused for a reason not told."""
+
+    error = "access_denied"
+    status_code = 403
+    default_description = "the request is not allowed from here"
+
+
+class BadGateway(OAuthError):
+    error = "bad_gateway"
+    status_code = 502
+    default_description = "the upstream could not be reached or refused the call"
+
+
+class GatewayTimeout(OAuthError):
+    error = "gateway_timeout"
+    status_code = 504
+    default_description = "the upstream did not answer in time"
+
 
 class NotFound(OAuthError):
     error = "not_found"
@@ -202,14 +240,15 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException):
-        cls = _HTTP_ERRORS.get(error.code or 500)
-        if cls is None:
-            cls = InvalidRequest if (error.code or 500) < 500 else ServerError
-            rendered = cls("request refused")
-            response = render(rendered)
-            response.status_code = error.code or 500
-            return response
-        return render(cls())
+        code = error.code or 500
+        cls = _HTTP_ERRORS.get(code) or (InvalidRequest if code < 500 else ServerError)
+        response = render(cls())
+        response.status_code = code
+        # Keep what the status needs, such as Allow on 405 (RFC 9110 §15.5.6).
+        for name, value in error.get_headers():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception):

@@ -157,6 +157,7 @@ class RevocationList:
 
     def _revoke_all(self, kind: str, value: str, reason: str) -> None:
         now = time.time()
+        self.storage.revoke_refresh_tokens(now, **{"subject" if kind == "subject" else "client_id": value})
         self.storage.add_revocations([{
             "kind": kind, "value": value, "revoked_at_ms": int(now * 1000),
             "expires_at": int(now) + self.margin, "reason": reason,
@@ -173,6 +174,8 @@ def revoke_presented_token(provider: Provider, client: Client, token: str) -> No
     derived from it.
     """
     settings = provider.settings
+    if provider.refresh_tokens.revoke(client, token):
+        return
     try:
         claims = verify_access_token(token, provider.keys, settings.issuer,
                                      settings.tokens.leeway)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from provider.errors import InvalidRequest
 
@@ -38,6 +38,51 @@ class TokenExchangeRequest(ClientCredentialsRequest):
     actor_token = fields.String(validate=_TOKEN)
     actor_token_type = fields.String(validate=_SHORT)
     requested_token_type = fields.String(validate=_SHORT)
+
+
+class RefreshTokenRequest(Request):
+    """RFC 6749 §6."""
+
+    refresh_token = fields.String(required=True, validate=_TOKEN)
+    scope = fields.String(validate=_SHORT)
+
+
+class AuthorizationCodeRequest(Request):
+    """RFC 6749 §4.1.3 with RFC 7636 §4.5 (PKCE is required)."""
+
+    code = fields.String(required=True, validate=_SHORT)
+    redirect_uri = fields.String(required=True, validate=_SHORT)
+    code_verifier = fields.String(required=True, validate=_SHORT)
+
+
+_SUBJECT = validate.Regexp(r"^[\x21-\x7e]{1,255}$", error="1 to 255 printable ASCII characters")
+
+
+class ConnectRequest(Request):
+    """``POST /connect/{upstream}``: the back-channel start of the connect flow."""
+
+    subject = fields.String(required=True, validate=_SUBJECT)
+    redirect_uri = fields.String(required=True, validate=_SHORT)
+    state = fields.String(validate=_SHORT)
+    code_challenge = fields.String(required=True, validate=_SHORT)
+    code_challenge_method = fields.String(required=True, validate=_SHORT)
+    scope = fields.String(validate=_SHORT)
+
+
+class DepositRequest(Schema):
+    """``POST /connections`` (JSON). Unknown fields are refused: a typo must not silently drop
+    a credential's refresh token."""
+
+    class Meta:
+        unknown = RAISE
+
+    subject = fields.String(required=True, validate=_SUBJECT)
+    upstream = fields.String(required=True, validate=_SHORT)
+    access_token = fields.String(required=True, validate=_TOKEN)
+    refresh_token = fields.String(validate=_TOKEN)
+    expires_in = fields.Integer(strict=True, validate=validate.Range(min=1, max=31536000))
+    scope = fields.String(validate=_SHORT)
+    allowed_ips = fields.List(fields.String(validate=_SHORT), validate=_VALUES)
 
 
 class TokenRequest(Request):

@@ -13,10 +13,14 @@ import sqlalchemy as sa
 
 from provider.clients import ClientRegistry, SecretHasher
 from provider.config import ConfigError, Settings
+from provider.gateway import Gateway
 from provider.keys import KeySet
+from provider.refresh import RefreshTokens
 from provider.replay import ReplayCache
 from provider.revocation import RevocationList
 from provider.storage import Storage, create_engine
+from provider.upstreams import UpstreamHTTP
+from provider.vault import Vault
 
 log = logging.getLogger("provider")
 
@@ -37,6 +41,10 @@ class Provider:
             interval=settings.revocation_sync_interval,
             margin=tokens.max_access_token_ttl + tokens.leeway + 60,
         )
+        self.refresh_tokens = RefreshTokens(self)
+        self.vault = Vault.load(settings.keys_dir, settings.role)
+        self.upstream_http = UpstreamHTTP(settings.gateway)
+        self.gateway = Gateway(self)
 
     def start(self) -> None:
         """Load keys and revocations now, so that a missing ``init`` fails at start-up."""
@@ -64,7 +72,8 @@ class Provider:
 
 
 def initialize(settings: Settings) -> dict[str, bool]:
-    """``token-provider init``: schema, client-secret hash key and a first signing key.
+    """``token-provider init``: schema, client-secret hash key, vault key pair and a first
+    signing key.
 
     Idempotent: what exists is left alone. Returns what was created.
     """
@@ -76,6 +85,7 @@ def initialize(settings: Settings) -> dict[str, bool]:
         migrate(engine)
         created = {
             "client_secret_key_created": SecretHasher.create(settings.keys_dir),
+            "vault_key_created": Vault.create(settings.keys_dir),
             "signing_key_created": ensure_signing_key(Storage(engine), settings.keys_dir,
                                                       settings.keys.algorithm),
         }

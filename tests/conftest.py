@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ import sqlalchemy as sa
 
 from provider import config, create_app
 from provider.service import initialize
+from provider.vault import Vault
 from tests.support import ISSUER, OAuth
 
 PG_URL = os.environ.get("PROVIDER_TEST_DATABASE_URL")
@@ -71,8 +74,18 @@ def settings_overrides() -> dict[str, Any]:
     return {}
 
 
+@pytest.fixture(scope="session")
+def vault_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One vault key pair for the session: RSA-3072 generation takes up to a second."""
+    directory = tmp_path_factory.mktemp("vault-template")
+    Vault.create(str(directory))
+    return directory / "vault"
+
+
 @pytest.fixture
-def app_config(database_url: str, tmp_path: Any, settings_overrides: dict[str, Any]) -> dict[str, Any]:
+def app_config(database_url: str, tmp_path: Any, settings_overrides: dict[str, Any],
+               vault_keys: Path) -> dict[str, Any]:
+    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
     overrides = {"issuer": ISSUER, "database_url": database_url,
                  "keys_dir": str(tmp_path / "keys"), **settings_overrides}
     initialize(config.load(overrides=overrides))

@@ -64,10 +64,9 @@ def test_revocation_on_one_instance_holds_on_another_within_a_second(deployment)
         # Issued by one instance, introspected by the other.
         assert post(f"{second}/introspect", clients["rs"], token=child)[1]["active"] is True
         assert post(f"{first}/revoke", clients["svc"], token=root)[0] == 200
-        revoked_at = time.monotonic()
-        while post(f"{second}/introspect", clients["rs"], token=child)[1]["active"]:
-            assert time.monotonic() - revoked_at < 1.0, "second instance still accepts the child"
-            time.sleep(0.02)
+        # Lazily synced: whatever request comes a second later must see the revocation.
+        time.sleep(1.0)
+        assert post(f"{second}/introspect", clients["rs"], token=child)[1] == {"active": False}
         status, refused = post(f"{second}/token", clients["svc"], grant_type=EXCHANGE,
                                subject_token=child, subject_token_type=ACCESS)
         assert (status, refused["error"]) == (400, "invalid_request")

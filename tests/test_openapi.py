@@ -4,8 +4,8 @@ the app really gives, successes and errors alike.
 
 Three layers: a table of real requests whose responses openapi-core validates against the
 document; schemathesis generating requests from the document and checking each answer (no 5xx,
-documented status, content type, headers and body); and strict xfail tests for the provider bugs
-this comparison exposed (see each ``reason``).
+documented status, content type, headers and body); and regression tests for the provider bugs
+this comparison exposed.
 """
 
 from __future__ import annotations
@@ -451,11 +451,8 @@ GENERATED = [(method, path, mode) for method, path in OPERATIONS
 
 
 def fuzzing_document(document: dict[str, Any]) -> dict[str, Any]:
-    """The document minus the constraints known bugs break (each asserted by an xfail below)."""
-    relaxed = copy.deepcopy(document)
-    description = relaxed["components"]["schemas"]["Error"]["properties"]["error_description"]
-    del description["pattern"]  # BUG_REFLECTED_DESCRIPTION
-    return relaxed
+    """The document as schemathesis gets it (a copy it may annotate)."""
+    return copy.deepcopy(document)
 
 
 CLIENT_AUTH_PARAMETERS = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
@@ -501,14 +498,9 @@ def test_generated_requests_get_documented_answers(app, oauth, document, method,
     generated()
 
 
-# ---- provider bugs this comparison found (strict xfail: drop the marker with the fix) -------
+# ---- regressions this comparison once found ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a non-ASCII Authorization: Basic header is 500 server_error instead of 401 "
-    "invalid_client: client_auth._basic_credentials catches binascii.Error, but "
-    "base64.b64decode(str) raises a plain ValueError ('string argument should contain only "
-    "ASCII characters') for non-ASCII input"))
 @pytest.mark.parametrize("authorization", ["Basic \xe9", "Basic Zm9v\xe9"])
 def test_a_non_ascii_basic_header_is_invalid_client(openapi, client, authorization):
     response = client.post("/token", data={"grant_type": "client_credentials"},
@@ -517,11 +509,6 @@ def test_a_non_ascii_basic_header_is_invalid_client(openapi, client, authorizati
     assert_response_matches_spec(openapi, response)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG_REFLECTED_DESCRIPTION: error_description echoes request text (a repeated parameter's "
-    "name in views/forms.read_form, repr(grant_type) in grants.issue) and so carries characters "
-    "RFC 6749 §5.2 forbids there (non-ASCII, '\"', '\\'). With the fix, also drop the "
-    "relaxation in fuzzing_document"))
 @pytest.mark.parametrize("body", [
     {"grant_type": "\u00e9"},
     {"grant_type": 'a"b'},
@@ -533,10 +520,6 @@ def test_error_descriptions_stay_within_the_rfc_6749_character_set(openapi, worl
     assert_response_matches_spec(openapi, response)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a 405 has no Allow header (RFC 9110 §15.5.6: the origin server MUST generate one): "
-    "errors.handle_http_error renders a new response and drops the headers of Werkzeug's "
-    "MethodNotAllowed. With the fix, add Allow to components/responses/MethodNotAllowed"))
 @pytest.mark.parametrize(("method", "path", "allowed"), [("GET", "/token", {"POST"}),
                                                          ("POST", "/healthz", {"GET", "HEAD"})])
 def test_a_405_names_the_allowed_methods(client, method, path, allowed):
@@ -545,10 +528,6 @@ def test_a_405_names_the_allowed_methods(client, method, path, allowed):
     assert allowed <= {m.strip() for m in response.headers.get("Allow", "").split(",")}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a body over tokens.max_request_bytes is 413 only when it is form-urlencoded; with "
-    "another content type, views/forms.read_form answers 400 invalid_request before the size "
-    "is looked at (CONTRACT: '413 for a body over max_request_bytes')"))
 def test_a_body_over_max_request_bytes_is_413_whatever_its_content_type(world):
     response = world.http.post("/token", data="x" * 70_000, content_type="application/json",
                                headers=world.svc.basic)

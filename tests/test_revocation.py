@@ -147,10 +147,8 @@ def test_revocation_on_one_instance_holds_on_another_within_a_second(oauth, svc,
         child = oauth.exchanged(svc, root)
         assert other.active(child)
         oauth.revoke(svc, root)
-        deadline = time.monotonic() + 1.0
-        while other.active(child):
-            assert time.monotonic() < deadline, "the other instance still accepts the token"
-            time.sleep(0.05)
+        time.sleep(1.0)
+        assert not other.active(child)
         refused = other.exchange(svc, child)
         assert refused.status_code == 400
     finally:

@@ -142,11 +142,13 @@ class TokenExchangeGrant(Grant):
         return claims
 
     def _refresh_token_claims(self, client: Client, token: str) -> dict[str, Any] | None:
-        """A refresh token as the subject: what an access token from it would carry."""
-        refresh = getattr(self.provider, "refresh_tokens", None)
-        if refresh is None:
+        """A refresh token as the subject: only the client's own, live and unused; it is not
+        spent, and what is issued derives from its family (revoking the family revokes it)."""
+        found = self.provider.refresh_tokens.active(client, token)
+        if found is None:
             return None
-        return refresh.exchange_claims(client, token)
+        family, expires_at = found
+        return family.claims(expires_at)
 
 
 def _meant_for(client: Client, claims: dict[str, Any]) -> bool:

@@ -179,3 +179,160 @@ class Storage:
         except sa.exc.IntegrityError:
             return False
         return True
+
+    # Single-use rows ----------------------------------------------------------------------
+
+    def _claim(self, table: sa.Table, key: sa.Column, value: str, column: str, now: float,
+               live_until: sa.Column | None = None) -> dict[str, Any] | None:
+        """Set ``column`` to ``now`` on the row if it was unset (and the row has not expired);
+        the row if this call was the one that set it, else None. Atomic across processes."""
+        condition = [key == value, table.c[column].is_(None)]
+        if live_until is not None:
+            condition.append(live_until > now)
+        with self.transaction() as connection:
+            if connection.execute(sa.update(table).where(*condition).values({column: now})).rowcount != 1:
+                return None
+            row = connection.execute(sa.select(table).where(key == value)).mappings().first()
+        return dict(row) if row else None
+
+    # Connections --------------------------------------------------------------------------
+
+    def replace_connection(self, values: dict[str, Any]) -> str | None:
+        """Store a connection, replacing the one for the same (subject, upstream); returns the
+        replaced connection's id."""
+        table = schema.connections
+        same_pair = (table.c.subject == values["subject"], table.c.upstream == values["upstream"])
+        for attempt in range(3):
+            try:
+                with self.transaction() as connection:
+                    old = connection.execute(
+                        sa.select(table.c.connection_id).where(*same_pair)).scalar()
+                    connection.execute(sa.delete(table).where(*same_pair))
+                    connection.execute(sa.insert(table).values(**values))
+                return old
+            except sa.exc.IntegrityError:
+                if attempt == 2:  # a concurrent deposit for the same pair kept winning
+                    raise
+        return None
+
+    def get_connection(self, connection_id: str) -> dict[str, Any] | None:
+        table = schema.connections
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(table).where(
+                table.c.connection_id == connection_id)).mappings().first()
+        return dict(row) if row else None
+
+    def find_connection(self, subject: str, upstream: str) -> dict[str, Any] | None:
+        """The connection of ``subject`` to ``upstream``, without its ciphertext."""
+        table = schema.connections
+        columns = [c for c in table.c if c.name != "ciphertext"]
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(*columns).where(
+                table.c.subject == subject, table.c.upstream == upstream)).mappings().first()
+        return dict(row) if row else None
+
+    def release_connection_refresh(self, connection_id: str) -> None:
+        table = schema.connections
+        with self.transaction() as connection:
+            connection.execute(sa.update(table).where(table.c.connection_id == connection_id)
+                               .values(refresh_claimed_until=None))
+
+    def list_connections(self) -> list[dict[str, Any]]:
+        table = schema.connections
+        columns = [c for c in table.c if c.name != "ciphertext"]
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(*columns).order_by(table.c.created_at)).mappings()]
+
+    def delete_connection(self, connection_id: str) -> dict[str, Any] | None:
+        table = schema.connections
+        columns = [c for c in table.c if c.name != "ciphertext"]
+        with self.transaction() as connection:
+            row = connection.execute(sa.select(*columns).where(
+                table.c.connection_id == connection_id)).mappings().first()
+            if row is None:
+                return None
+            connection.execute(sa.delete(table).where(table.c.connection_id == connection_id))
+        return dict(row)
+
+    def claim_connection_refresh(self, connection_id: str, version: int, until: float) -> bool:
+        """Take the right to refresh this credential version; False if another process has it
+        or the version has moved on."""
+        table = schema.connections
+        now = time.time()
+        statement = sa.update(table).where(
+            table.c.connection_id == connection_id, table.c.version == version,
+            sa.or_(table.c.refresh_claimed_until.is_(None), table.c.refresh_claimed_until < now),
+        ).values(refresh_claimed_until=until)
+        with self.transaction() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def reseal_connection(self, connection_id: str, version: int, ciphertext: bytes,
+                          upstream_expires_at: float | None) -> bool:
+        table = schema.connections
+        statement = sa.update(table).where(
+            table.c.connection_id == connection_id, table.c.version == version,
+        ).values(ciphertext=ciphertext, upstream_expires_at=upstream_expires_at,
+                 version=version + 1, refresh_claimed_until=None, updated_at=time.time())
+        with self.transaction() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    # Refresh tokens -----------------------------------------------------------------------
+
+    def add_refresh_token(self, values: dict[str, Any]) -> None:
+        with self.transaction() as connection:
+            connection.execute(sa.insert(schema.refresh_tokens).values(**values))
+
+    def get_refresh_token(self, token_hash: str) -> dict[str, Any] | None:
+        table = schema.refresh_tokens
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(table).where(
+                table.c.token_hash == token_hash)).mappings().first()
+        return dict(row) if row else None
+
+    def use_refresh_token(self, token_hash: str, now: float) -> dict[str, Any] | None:
+        table = schema.refresh_tokens
+        return self._claim(table, table.c.token_hash, token_hash, "used_at", now)
+
+    def revoke_refresh_tokens(self, now: float, **where: str) -> list[str]:
+        """Revoke every live refresh token matching ``where`` (family_id, subject, client_id or
+        connection_id); returns the families touched."""
+        table = schema.refresh_tokens
+        condition = [table.c[name] == value for name, value in where.items()]
+        with self.transaction() as connection:
+            families = connection.execute(sa.select(table.c.family_id).distinct().where(
+                *condition, table.c.revoked_at.is_(None))).scalars().all()
+            connection.execute(sa.update(table).where(*condition, table.c.revoked_at.is_(None))
+                               .values(revoked_at=now))
+        return list(families)
+
+    # Connect flow -------------------------------------------------------------------------
+
+    def add_connect_request(self, values: dict[str, Any]) -> None:
+        with self.transaction() as connection:
+            connection.execute(sa.insert(schema.connect_requests).values(**values))
+
+    def open_connect_request(self, request_id: str, now: float) -> dict[str, Any] | None:
+        table = schema.connect_requests
+        return self._claim(table, table.c.request_id, request_id, "opened_at", now,
+                           live_until=table.c.expires_at)
+
+    def complete_connect_request(self, upstream_state: str, now: float) -> dict[str, Any] | None:
+        table = schema.connect_requests
+        return self._claim(table, table.c.upstream_state, upstream_state, "completed_at", now,
+                           live_until=table.c.expires_at)
+
+    def add_authorization_code(self, values: dict[str, Any]) -> None:
+        with self.transaction() as connection:
+            connection.execute(sa.insert(schema.authorization_codes).values(**values))
+
+    def get_authorization_code(self, code_hash: str) -> dict[str, Any] | None:
+        table = schema.authorization_codes
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(table).where(
+                table.c.code_hash == code_hash)).mappings().first()
+        return dict(row) if row else None
+
+    def use_authorization_code(self, code_hash: str, now: float) -> dict[str, Any] | None:
+        table = schema.authorization_codes
+        return self._claim(table, table.c.code_hash, code_hash, "used_at", now)

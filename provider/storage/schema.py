@@ -77,3 +77,81 @@ used_assertions = Table(
     Column("expires_at", Integer, nullable=False),
     Index("ix_used_assertions_expires_at", "expires_at"),
 )
+
+# Vaulted upstream credentials: one per (subject, upstream). ``ciphertext`` is a vault envelope.
+connections = Table(
+    "connections",
+    metadata,
+    Column("connection_id", String(32), primary_key=True),
+    Column("subject", String(255), nullable=False),
+    Column("upstream", String(64), nullable=False),
+    Column("scope", Text, nullable=False),  # internal scopes tokens for it may carry
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("allowed_ips", JSON, nullable=False),
+    Column("created_by", String(255), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("upstream_expires_at", Float, nullable=True),  # when the upstream access token expires
+    Column("version", Integer, nullable=False),  # bumped on every re-seal (upstream refresh)
+    Column("refresh_claimed_until", Float, nullable=True),  # one process refreshes at a time
+    Index("ux_connections_subject_upstream", "subject", "upstream", unique=True),
+)
+
+# Refresh tokens, stored as SHA-256 of the token (256 random bits: no slower hash is needed).
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("family_id", String(32), nullable=False),
+    Column("client_id", String(255), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("audience", JSON, nullable=False),
+    Column("connection_id", String(32), nullable=True),
+    Column("family_root_ms", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Index("ix_refresh_tokens_family_id", "family_id"),
+    Index("ix_refresh_tokens_connection_id", "connection_id"),
+    Index("ix_refresh_tokens_subject", "subject"),
+    Index("ix_refresh_tokens_client_id", "client_id"),
+)
+
+# Connect flow (back-channel start, in the spirit of RFC 9126): one row per started connection.
+connect_requests = Table(
+    "connect_requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),  # SHA-256 of the request_uri's secret part
+    Column("upstream_state", String(64), nullable=False),  # SHA-256 of the state sent upstream
+    Column("client_id", String(255), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("upstream", String(64), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("client_state", Text, nullable=True),
+    Column("code_challenge", String(128), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("upstream_verifier", String(128), nullable=True),  # PKCE towards the upstream
+    Column("expires_at", Float, nullable=False),
+    Column("opened_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Index("ux_connect_requests_upstream_state", "upstream_state", unique=True),
+)
+
+# One-time codes the connect flow hands back to the client (RFC 6749 §4.1.2, RFC 7636).
+authorization_codes = Table(
+    "authorization_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("client_id", String(255), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("code_challenge", String(128), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("upstream", String(64), nullable=False),
+    Column("connection_id", String(32), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("family_id", String(32), nullable=False),  # what a redemption issues; a replay revokes it
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+)

@@ -24,7 +24,7 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
 
 
 def register(app: Flask) -> None:
-    from provider.views import health, oauth, wellknown
+    from provider.views import connect, connections, gateway, health, oauth, wellknown
 
-    for module in (oauth, wellknown, health):
+    for module in (oauth, connections, connect, gateway, wellknown, health):
         app.register_blueprint(module.bp)

@@ -9,19 +9,24 @@ sent without a value are treated as omitted (§3.1). The size bound is Flask's
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import request
 
-from provider.errors import InvalidRequest
+from provider.errors import InvalidRequest, RequestTooLarge
 
+_PARAMETER = re.compile(r"^[a-z_]{1,32}$")
 REPEATABLE = frozenset({"audience", "resource"})  # RFC 8693 §2.1, RFC 8707 §2
 MAX_FIELDS = 64
 FORM = "application/x-www-form-urlencoded"
 
 
 def read_form() -> dict[str, Any]:
+    limit = request.max_content_length
+    if limit is not None and (request.content_length or 0) > limit:
+        raise RequestTooLarge()
     if request.mimetype != FORM:
         raise InvalidRequest(f"the request body must be {FORM}")
     body = request.get_data(cache=True)
@@ -37,7 +42,9 @@ def read_form() -> dict[str, Any]:
         if name in REPEATABLE:
             form.setdefault(name, []).append(value)
         elif name in form:
-            raise InvalidRequest(f"{name[:64]} is repeated")
+            # Name the parameter only if it is one of ours: never reflect arbitrary input.
+            raise InvalidRequest(f"{name} is repeated" if _PARAMETER.match(name)
+                                 else "a parameter is repeated")
         else:
             form[name] = value
     return form

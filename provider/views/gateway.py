@@ -1,0 +1,74 @@
+"""``ANY /gateway/{upstream}/{path}``: scoped forwarding (see :mod:`provider.gateway`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request, stream_with_context
+
+from provider.errors import RequestTooLarge
+from provider.gateway import downstream_headers
+from provider.views import provider
+
+bp = Blueprint("gateway", __name__)
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+CHUNK = 65536
+
+
+@bp.route("/gateway/<upstream>", defaults={"path": ""}, methods=METHODS, strict_slashes=False)
+@bp.route("/gateway/<upstream>/<path:path>", methods=METHODS)
+def forward(upstream: str, path: str):
+    gateway = provider().gateway
+    call = gateway.authorize(
+        upstream_name=upstream, method=request.method, raw_path=_raw_path(upstream),
+        authorization=request.headers.get("Authorization"), query_args=request.args,
+        remote_addr=request.remote_addr)
+    body, replayable = _body()
+    answer = gateway.forward(
+        call, method=request.method, query=request.query_string.decode("latin-1"),
+        headers=list(request.headers.items()), body=body, body_replayable=replayable)
+
+    def stream():
+        try:
+            yield from answer.stream(CHUNK, decode_content=False)
+        finally:
+            answer.release_conn()
+
+    return current_app.response_class(stream_with_context(stream()), status=answer.status,
+                                      headers=downstream_headers(answer.headers),
+                                      direct_passthrough=True)
+
+
+def _raw_path(upstream: str) -> str:
+    """The path after ``/gateway/{upstream}`` exactly as sent: before any percent-decoding,
+    so that an encoded slash or dot is seen (and refused) rather than silently decoded."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or request.path
+    raw = raw.split("?", 1)[0]
+    prefix = f"/gateway/{upstream}"
+    return raw[len(prefix):] if raw.startswith(prefix) else "\0"
+
+
+def _body() -> tuple[Any, bool]:
+    """The request body, bounded by ``gateway.max_body_bytes`` (not the token endpoints' much
+    smaller bound); bodies up to 1 MiB are read so that a call can be retried after a refresh,
+    larger or chunked ones stream."""
+    limit = provider().settings.gateway.max_body_bytes
+    request.max_content_length = limit
+    length = request.content_length
+    if length is not None and length > limit:
+        raise RequestTooLarge()
+    chunked = request.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    if not length and not chunked:
+        return None, True
+    if length is not None and length <= CHUNK * 16:
+        return request.stream.read(length), True
+    return _chunks(request.stream, limit), False
+
+
+def _chunks(stream: Any, limit: int):
+    sent = 0
+    while chunk := stream.read(CHUNK):
+        sent += len(chunk)
+        if sent > limit:
+            raise RequestTooLarge()
+        yield chunk
