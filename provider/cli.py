@@ -21,9 +21,18 @@ from typing import Any
 import click
 
 from provider import config
-from provider.clients import AUTH_METHODS, GRANT_TYPES, RegistrationError, register_client
+from provider.clients import (
+    AUTH_METHODS,
+    CLIENT_ID,
+    GRANT_TYPES,
+    Client,
+    RegistrationError,
+    register_client,
+)
 from provider.clients import rotate_secret as rotate_client_secret
 from provider.config import ConfigError, Settings
+from provider.connections import OPERATOR, deposit, revoke_connection
+from provider.errors import OAuthError
 from provider.keys import KeyOperationError, add_signing_key, key_states, retire_signing_key
 
 
@@ -313,6 +322,78 @@ def clients_rotate_secret(client_id: str, as_json: bool) -> None:
           lambda: [f"client_secret: {secret}  (shown once; store it now)"])
 
 
+# connections --------------------------------------------------------------------------------
+
+
+@cli.group()
+def connections() -> None:
+    """Vaulted upstream credentials."""
+
+
+def _read_secret_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    value = Path(path).read_text(encoding="utf-8").strip()
+    if not value:
+        raise RegistrationError(f"{path} is empty")
+    return value
+
+
+@connections.command("add")
+@click.option("--subject", required=True)
+@click.option("--upstream", required=True)
+@click.option("--access-token-file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--refresh-token-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--expires-in", type=click.IntRange(1, 31536000))
+@click.option("--scope", help="Internal scopes, space-separated (default: all the upstream's).")
+@json_option
+@guarded
+def connections_add(subject: str, upstream: str, access_token_file: str,
+                    refresh_token_file: str | None, expires_in: int | None, scope: str | None,
+                    as_json: bool) -> None:
+    """Deposit an upstream credential read from files (never from the command line)."""
+    if not CLIENT_ID.match(subject):
+        raise RegistrationError("a subject is 1 to 255 printable ASCII characters without spaces")
+    provider = _provider()
+    operator = Client(client_id=OPERATOR, auth_method="none",
+                      grant_types=frozenset(), scope=(), audiences=())
+    request = {"subject": subject, "upstream": upstream,
+               "access_token": _read_secret_file(access_token_file),
+               "refresh_token": _read_secret_file(refresh_token_file),
+               "expires_in": expires_in, "scope": scope}
+    try:
+        answer = deposit(provider, operator, request)
+    except OAuthError as exc:
+        raise RegistrationError(exc.description or exc.error) from None
+    _emit(as_json, answer, lambda: [f"{k}: {v}" for k, v in answer.items()])
+
+
+@connections.command("list")
+@json_option
+@guarded
+def connections_list(as_json: bool) -> None:
+    provider = _provider()
+    rows = [{"connection_id": r["connection_id"], "subject": r["subject"],
+             "upstream": r["upstream"], "scope": r["scope"], "created_at": _iso(r["created_at"])}
+            for r in provider.storage.list_connections()]
+    _emit(as_json, rows, lambda: [
+        f"{r['connection_id']}  {r['subject']}  {r['upstream']}  {r['scope']}" for r in rows])
+
+
+@connections.command("delete")
+@click.argument("connection_id")
+@json_option
+@guarded
+def connections_delete(connection_id: str, as_json: bool) -> None:
+    """Delete a connection's ciphertext and revoke every token derived from it."""
+    provider = _provider()
+    if provider.storage.get_connection(connection_id) is None:
+        raise RegistrationError(f"no connection {connection_id!r}")
+    revoke_connection(provider, connection_id, "deleted by operator")
+    _emit(as_json, {"connection_id": connection_id, "deleted": True},
+          lambda: [f"{connection_id} deleted; its tokens are revoked"])
+
+
 # revoke -------------------------------------------------------------------------------------
 
 
@@ -320,13 +401,17 @@ def clients_rotate_secret(client_id: str, as_json: bool) -> None:
 @click.option("--jti")
 @click.option("--subject")
 @click.option("--client", "client_id")
+@click.option("--connection", "connection_id")
 @json_option
 @guarded
-def revoke(jti: str | None, subject: str | None, client_id: str | None, as_json: bool) -> None:
-    """Revoke a token, a subject's or a client's tokens, and all derived from them."""
-    chosen = [(k, v) for k, v in (("jti", jti), ("subject", subject), ("client", client_id)) if v]
+def revoke(jti: str | None, subject: str | None, client_id: str | None,
+           connection_id: str | None, as_json: bool) -> None:
+    """Revoke a token, a subject's, a client's or a connection's tokens, and all derived
+    from them."""
+    chosen = [(k, v) for k, v in (("jti", jti), ("subject", subject), ("client", client_id),
+                                  ("connection", connection_id)) if v]
     if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --jti, --subject, --client")
+        raise click.UsageError("give exactly one of --jti, --subject, --client, --connection")
     kind, value = chosen[0]
     provider = _provider()
     revocations = provider.revocations
@@ -334,6 +419,8 @@ def revoke(jti: str | None, subject: str | None, client_id: str | None, as_json:
         tokens = provider.settings.tokens
         expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway
         revocations.revoke_ids([(value, expires_at)], reason="revoked by operator")
+    elif kind == "connection":
+        revoke_connection(provider, value, "revoked by operator")
     elif kind == "subject":
         revocations.revoke_subject(value, "revoked by operator")
     else:

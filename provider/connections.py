@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from provider.clients import Client
     from provider.service import Provider
 
-OPERATOR = "operator"
+# The client id of tokens an operator mints with ``connections add``. It has a space, so no
+# registered client can ever hold it (client ids are printable ASCII without spaces).
+OPERATOR = "token-provider cli"
 
 
 def gateway_resource(issuer: str, upstream: str) -> str:

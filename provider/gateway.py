@@ -143,8 +143,8 @@ class Gateway:
         connection = self._connection(claims["sub"], upstream.name, claims["lineage"]["ids"])
         if connection is None:
             raise InvalidToken("the access token grants no connection to this upstream")
-        client = provider.clients.get(claims["client_id"])
-        if client is None or not client.allows_address(remote_addr) \
+        client = provider.clients.get(claims["client_id"])  # None for operator-minted tokens
+        if (client is not None and not client.allows_address(remote_addr)) \
                 or not address_allowed(connection["allowed_ips"], remote_addr):
             log.warning("gateway call refused: caller %s outside the allowed ranges of client %s "
                         "or connection %s", remote_addr, claims["client_id"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from tests.support import OAuth, Registered
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch) -> dict[str, str]:
+def env(tmp_path, monkeypatch, vault_keys) -> dict[str, str]:
+    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")  # RSA-3072 generation is slow
     values = {
         "PROVIDER_CONFIG": str(tmp_path / "instance" / "provider.toml"),
         "PROVIDER_DATABASE_URL": f"sqlite:///{tmp_path}/instance/provider.db",
@@ -190,3 +192,64 @@ def test_serving_without_init_says_to_run_init(env):
     assert result.returncode == 2
     assert "run token-provider init" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+UPSTREAM_CONFIG = """
+[upstreams.drive]
+base_url = "https://upstream.example/api"
+[[upstreams.drive.routes]]
+method = "GET"
+path = "/files/{id}"
+scope = "files:read"
+"""
+
+
+@pytest.fixture
+def with_upstream(env):
+    run("init")
+    Path(env["PROVIDER_CONFIG"]).write_text(UPSTREAM_CONFIG)
+    return env
+
+
+def test_connections_add_prints_the_deposit_answer_and_list_never_the_credential(with_upstream, tmp_path):
+    secret_file = tmp_path / "upstream-token"
+    secret_file.write_text("upstream-secret-value\n")
+    added = run("connections", "add", "--subject", "alice", "--upstream", "drive",
+                "--access-token-file", str(secret_file), "--expires-in", "600")
+    assert set(added) == {"connection_id", "access_token", "token_type", "expires_in",
+                          "refresh_token", "scope"}
+    assert added["scope"] == "files:read"
+    listed = run("connections", "list")
+    assert listed == [{"connection_id": added["connection_id"], "subject": "alice",
+                       "upstream": "drive", "scope": "files:read",
+                       "created_at": listed[0]["created_at"]}]
+    assert "upstream-secret-value" not in json.dumps(listed)
+
+
+@pytest.mark.parametrize("how", ["revoke", "delete"])
+def test_revoking_or_deleting_a_connection_revokes_its_tokens(with_upstream, tmp_path, how):
+    secret_file = tmp_path / "upstream-token"
+    secret_file.write_text("upstream-secret-value")
+    added = run("connections", "add", "--subject", "alice", "--upstream", "drive",
+                "--access-token-file", str(secret_file))
+    application = create_app()
+    try:
+        served = OAuth(application, application.test_client())
+        assert served.active(added["access_token"])
+        if how == "revoke":
+            run("revoke", "--connection", added["connection_id"])
+        else:
+            run("connections", "delete", added["connection_id"])
+        served.provider.revocations.sync(force=True)
+        assert not served.active(added["access_token"])
+        assert run("connections", "list") == []
+    finally:
+        application.extensions["provider"].storage.engine.dispose()
+
+
+def test_connections_add_for_an_unknown_upstream_is_refused(with_upstream, tmp_path):
+    secret_file = tmp_path / "t"
+    secret_file.write_text("x")
+    result = CliRunner().invoke(cli, ["connections", "add", "--subject", "a", "--upstream", "nope",
+                                      "--access-token-file", str(secret_file)])
+    assert result.exit_code == 1 and result.output.strip() == "error: no such upstream"
