@@ -13,7 +13,7 @@ Each case is presented three ways:
 - as ``subject_token`` of a token exchange: 400 ``invalid_request`` (RFC 8693 §2.2.2);
 - to ``/revoke``: 200 and nothing revoked (RFC 7009 §2.2).
 
-Afterwards no revocation row exists and the genuine token is still active.
+Afterwards no revocation row was written and the genuine token is still active.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,14 @@ from cryptography.x509.oid import NameOID
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
+from provider import config, create_app
+from provider.service import initialize
 from tests.support import ACCESS_TOKEN_TYPE, EXCHANGE, ISSUER, Registered, claims_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")
 
 AUDIENCE = "https://api.example/v1"
-ACCESS_TOKEN_MAX = 16384  # CONTRACT: tokens longer than this are garbage, not a parse problem
+ACCESS_TOKEN_MAX = 16384  # the longest token the provider reads (provider/tokens.py MAX_TOKEN_LENGTH)
 
 
 class _AnyHeader(jws.JWSRegistry):
@@ -68,10 +72,57 @@ def b64url_decode(text: str) -> bytes:
 LEAK_MARKERS = ("Traceback", 'File "', "PRIVATE KEY", "sqlalchemy", "werkzeug", "jwt.exceptions")
 
 
-def revocation_rows(app: Any) -> int:
-    """Rows in the revocation log, read directly from the database."""
+RATE_LIMITS_OFF = {"rate_limits": {"token": "100000/minute", "introspect": "100000/minute",
+                                   "failed_client_auth": "100000/minute"}}
+
+
+def attack_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """One provider (own keys, own SQLite database) for a whole attack table.
+
+    Building a provider costs a vault RSA key and its validation, far too slow to repeat for
+    each of hundreds of rows. So each table module shares one, and every test keeps to itself:
+    its own clients (unique ids), its own tokens, and state compared before and after it
+    (revocation rows newer than the last one it saw), never absolute counts.
+    Isolated from the developer's PROVIDER_* settings as the per-test fixtures are.
+    """
+    base = tmp_path_factory.mktemp("attack-provider")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("PROVIDER_") and not name.startswith("PROVIDER_TEST_"):
+                patch.delenv(name)
+        (base / "provider.toml").write_text("")
+        patch.setenv("PROVIDER_CONFIG", str(base / "provider.toml"))
+        app_config = {"issuer": ISSUER, "database_url": f"sqlite:///{base}/provider.db",
+                      "keys_dir": str(base / "keys"), **RATE_LIMITS_OFF}
+        initialize(config.load(overrides=app_config))
+        application = create_app(app_config)
+        application.config["TESTING"] = True
+    yield application, app_config
+    application.extensions["provider"].storage.engine.dispose()
+
+
+def unique(prefix: str) -> str:
+    """A client id no other test in the shared provider uses."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def last_revocation(app: Any) -> int:
+    """The newest row id of the revocation log, read directly from the database."""
     with app.extensions["provider"].storage.engine.connect() as connection:
-        return connection.execute(sa.text("SELECT count(*) FROM revocations")).scalar_one()
+        return connection.execute(sa.text("SELECT coalesce(max(id), 0) FROM revocations")).scalar_one()
+
+
+def revocations_since(app: Any, last: int) -> int:
+    """Rows written to the revocation log after row ``last``."""
+    with app.extensions["provider"].storage.engine.connect() as connection:
+        return connection.execute(sa.text("SELECT count(*) FROM revocations WHERE id > :last"),
+                                  {"last": last}).scalar_one()
+
+
+def is_active(oauth: Any, introspector: Registered, token: str) -> bool:
+    response = oauth.post("/introspect", introspector, {"token": token})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()["active"]
 
 
 def assert_safe_response(response: Any, *, secrets: tuple[str, ...] = ()) -> None:
@@ -111,6 +162,8 @@ class Forge:
     genuine: str
     header: dict[str, Any]
     claims: dict[str, Any]
+    introspector: Registered
+    last_revocation: int  # the newest revocation row before the test
 
     def sign(self, header: dict[str, Any] | None = None, claims: dict[str, Any] | None = None,
              key: Any = "provider", payload: bytes | None = None) -> str:
@@ -246,6 +299,9 @@ CASES: dict[str, Case] = {
     "nbf-in-the-future": lambda f: f.with_claims(nbf=now() + 600),
     "iat-far-in-the-future": lambda f: f.with_claims(iat=now() + 3600, exp=now() + 7200),
     "exp-not-a-number": lambda f: f.with_claims(exp="tomorrow"),
+    "exp-numeric-string": lambda f: f.with_claims(exp=str(f.claims["exp"])),
+    "iat-numeric-string": lambda f: f.with_claims(iat=str(f.claims["iat"])),
+    "nbf-numeric-string": lambda f: f.with_claims(nbf=str(f.claims["iat"])),
     "missing-iss": lambda f: f.with_claims(iss=_DROP),
     "missing-sub": lambda f: f.with_claims(sub=_DROP),
     "missing-aud": lambda f: f.with_claims(aud=_DROP),
@@ -304,13 +360,25 @@ def _oct(secret: bytes) -> OctKey:
 
 # Rows that expose provider bugs, per endpoint. Kept strict: fixing the bug makes them fail.
 _OVERSIZED = ("BUG: a 17 KiB token (in a 17 KiB body, far under max_request_bytes) is answered "
-              "400 invalid_request instead of as garbage: provider/schemas.py:15 caps `token` at "
-              "16384 characters and provider/schemas.py:60 makes that invalid_request before "
+              "400 invalid_request instead of as garbage: provider/schemas.py:91 caps `token` at "
+              "16384 characters (_TOKEN, :15) and provider/schemas.py:105 makes that "
+              "invalid_request before "
               "provider/tokens.py:137 can call the token invalid (CONTRACT: garbage is "
               "{\"active\": false} at /introspect; RFC 7009 §2.2: 200 at /revoke)")
+_STRING_DATES = ("BUG: a provider-signed token whose {claim} is a numeric string is accepted as "
+                 "valid (RFC 7519 §2: a NumericDate is a JSON number): PyJWT coerces it with int() "
+                 "(jwt/api_jwt.py _validate_exp/_validate_iat/_validate_nbf) and "
+                 "provider/tokens.py:169 (_check_types) checks the types of aud, sub, jti, "
+                 "client_id, scope and lineage, but not of exp, iat or nbf")
+_STRING_EXP_EXCHANGE = (_STRING_DATES.format(claim="exp") + "; the exchange then answers 500: "
+                        "provider/grants/token_exchange.py:61 takes min() of an int and a str")
 KNOWN_BUGS: dict[tuple[str, str], str] = {
     ("introspect", "garbage-17KiB"): _OVERSIZED,
     ("revoke", "garbage-17KiB"): _OVERSIZED,
+    ("exchange", "exp-numeric-string"): _STRING_EXP_EXCHANGE,
+    **{(endpoint, f"{claim}-numeric-string"): _STRING_DATES.format(claim=claim)
+       for endpoint in ("introspect", "exchange", "revoke") for claim in ("exp", "iat", "nbf")
+       if (endpoint, claim) != ("exchange", "exp")},
 }
 
 # RFC 6749 §3.1: "Parameters sent without a value MUST be treated as if they were omitted
@@ -330,26 +398,35 @@ def rows(endpoint: str) -> list[Any]:
 # Fixtures -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def _attack_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, Any]]]:
+    yield from attack_provider(tmp_path_factory)
+
+
 @pytest.fixture
-def settings_overrides() -> dict[str, Any]:
-    # Many requests fail on purpose; keep per-client limits out of the way.
-    return {"rate_limits": {"token": "100000/minute", "introspect": "100000/minute",
-                            "failed_client_auth": "100000/minute"}}
+def app(_attack_provider: tuple[Any, dict[str, Any]]) -> Any:
+    return _attack_provider[0]
+
+
+@pytest.fixture
+def app_config(_attack_provider: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+    return _attack_provider[1]
 
 
 @pytest.fixture
 def svc(oauth: Any) -> Registered:
-    return oauth.register("svc", audiences=[AUDIENCE])
+    return oauth.register(unique("svc"), audiences=[AUDIENCE])
 
 
 @pytest.fixture
 def introspector(oauth: Any) -> Registered:
-    return oauth.register("introspector", ("client_credentials",), "introspect",
+    return oauth.register(unique("introspector"), ("client_credentials",), "introspect",
                           introspect=True)
 
 
 @pytest.fixture
-def forge(client: Any, app_config: dict[str, Any], oauth: Any, svc: Registered) -> Forge:
+def forge(client: Any, app: Any, app_config: dict[str, Any], oauth: Any, svc: Registered,
+          introspector: Registered) -> Forge:
     jwks = client.get("/.well-known/jwks.json").get_json()
     (public_jwk,) = jwks["keys"]
     kid = public_jwk["kid"]
@@ -357,7 +434,8 @@ def forge(client: Any, app_config: dict[str, Any], oauth: Any, svc: Registered) 
     genuine = oauth.access_token(svc)
     header = {"alg": "ES256", "typ": "at+jwt", "kid": kid}
     return Forge(kid=kid, provider_key=ECKey.import_key(pem), public_jwk=public_jwk,
-                 genuine=genuine, header=header, claims=claims_of(genuine))
+                 genuine=genuine, header=header, claims=claims_of(genuine),
+                 introspector=introspector, last_revocation=last_revocation(app))
 
 
 def introspect(oauth: Any, introspector: Registered, token: str) -> Any:
@@ -365,8 +443,8 @@ def introspect(oauth: Any, introspector: Registered, token: str) -> Any:
 
 
 def assert_nothing_changed(oauth: Any, forge: Forge) -> None:
-    assert revocation_rows(oauth.app) == 0
-    assert oauth.active(forge.genuine)
+    assert revocations_since(oauth.app, forge.last_revocation) == 0
+    assert is_active(oauth, forge.introspector, forge.genuine)
 
 
 # The control: the forger is good enough that only the hostile part is refused -----------------
@@ -381,8 +459,8 @@ def test_forged_token_without_hostile_part_is_accepted_everywhere(oauth, svc, in
     for variant in (forge.with_header(typ="application/at+jwt"), forge.with_claims(nbf=now())):
         assert introspect(oauth, introspector, variant).get_json()["active"] is True
     assert oauth.revoke(svc, token).status_code == 200
-    assert revocation_rows(oauth.app) == 1
-    assert not oauth.active(forge.genuine)
+    assert revocations_since(oauth.app, forge.last_revocation) == 1
+    assert not is_active(oauth, introspector, forge.genuine)
 
 
 def test_every_forged_case_fits_the_token_size_limit_unless_meant_to(forge):
