@@ -138,14 +138,16 @@ def _authenticate_assertion(
         )
     except jwt.InvalidTokenError:
         raise InvalidClient() from None
-    jti = claims["jti"]
+    jti, exp = claims["jti"], claims["exp"]
     if claims["sub"] != client_id or not isinstance(jti, str) or not jti or len(jti) > 255:
         raise InvalidClient()
-    if claims["exp"] > time.time() + MAX_ASSERTION_LIFETIME + settings.tokens.leeway:
+    # RFC 7519 §2: a NumericDate is a JSON number (PyJWT also takes "123").
+    if not isinstance(exp, int | float) or isinstance(exp, bool) \
+            or exp > time.time() + MAX_ASSERTION_LIFETIME + settings.tokens.leeway:
         raise InvalidClient()
     # Only now, for a verified assertion, is its jti spent: a forged one cannot burn ids.
     replay_key = hashlib.sha256(f"{client_id}\0{jti}".encode()).hexdigest()
-    if not provider.replay.first_use(replay_key, int(claims["exp"]) + settings.tokens.leeway):
+    if not provider.replay.first_use(replay_key, int(exp) + settings.tokens.leeway):
         raise InvalidClient()
     return _from_allowed_address(client, remote_addr)
 

@@ -86,9 +86,10 @@ class DepositRequest(Schema):
 
 
 class TokenRequest(Request):
-    """RFC 7662 §2.1 and RFC 7009 §2.1 share these two parameters."""
+    """RFC 7662 §2.1 and RFC 7009 §2.1 share these two parameters. A token of any length is
+    answered as a token (inactive, or nothing to revoke); the body bound limits it."""
 
-    token = fields.String(required=True, validate=_TOKEN)
+    token = fields.String(required=True, validate=validate.Length(min=1))
     token_type_hint = fields.String(validate=_SHORT)
 
 

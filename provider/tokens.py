@@ -166,7 +166,14 @@ def verify_access_token(token: Any, keys: KeySet, issuer: str, leeway: int) -> d
     return claims
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_types(claims: dict[str, Any]) -> None:
+    # RFC 7519 §2: a NumericDate is a JSON number. PyJWT accepts "123" by calling int().
+    if not all(_is_number(claims[name]) for name in ("exp", "iat", "nbf") if name in claims):
+        raise TokenInvalid("dates")
     aud = claims["aud"]
     if not (isinstance(aud, str) or (isinstance(aud, list) and aud
                                      and all(isinstance(a, str) for a in aud))):

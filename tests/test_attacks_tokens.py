@@ -358,29 +358,6 @@ def _oct(secret: bytes) -> OctKey:
     return OctKey(secret, secret)
 
 
-# Rows that expose provider bugs, per endpoint. Kept strict: fixing the bug makes them fail.
-_OVERSIZED = ("BUG: a 17 KiB token (in a 17 KiB body, far under max_request_bytes) is answered "
-              "400 invalid_request instead of as garbage: provider/schemas.py:91 caps `token` at "
-              "16384 characters (_TOKEN, :15) and provider/schemas.py:105 makes that "
-              "invalid_request before "
-              "provider/tokens.py:137 can call the token invalid (CONTRACT: garbage is "
-              "{\"active\": false} at /introspect; RFC 7009 §2.2: 200 at /revoke)")
-_STRING_DATES = ("BUG: a provider-signed token whose {claim} is a numeric string is accepted as "
-                 "valid (RFC 7519 §2: a NumericDate is a JSON number): PyJWT coerces it with int() "
-                 "(jwt/api_jwt.py _validate_exp/_validate_iat/_validate_nbf) and "
-                 "provider/tokens.py:169 (_check_types) checks the types of aud, sub, jti, "
-                 "client_id, scope and lineage, but not of exp, iat or nbf")
-_STRING_EXP_EXCHANGE = (_STRING_DATES.format(claim="exp") + "; the exchange then answers 500: "
-                        "provider/grants/token_exchange.py:61 takes min() of an int and a str")
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("introspect", "garbage-17KiB"): _OVERSIZED,
-    ("revoke", "garbage-17KiB"): _OVERSIZED,
-    ("exchange", "exp-numeric-string"): _STRING_EXP_EXCHANGE,
-    **{(endpoint, f"{claim}-numeric-string"): _STRING_DATES.format(claim=claim)
-       for endpoint in ("introspect", "exchange", "revoke") for claim in ("exp", "iat", "nbf")
-       if (endpoint, claim) != ("exchange", "exp")},
-}
-
 # RFC 6749 §3.1: "Parameters sent without a value MUST be treated as if they were omitted
 # from the request." An empty token is a missing token, which is invalid_request everywhere.
 EMPTY_IS_MISSING = {"garbage-empty"}
@@ -389,9 +366,7 @@ EMPTY_IS_MISSING = {"garbage-empty"}
 def rows(endpoint: str) -> list[Any]:
     result = []
     for case_id, build in CASES.items():
-        reason = KNOWN_BUGS.get((endpoint, case_id))
-        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
-        result.append(pytest.param(case_id, build, id=case_id, marks=marks))
+        result.append(pytest.param(case_id, build, id=case_id))
     return result
 
 
