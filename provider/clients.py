@@ -75,6 +75,10 @@ class SecretHasher:
             handle.write(secrets.token_bytes(32))
         return True
 
+    def derive(self, label: bytes) -> bytes:
+        """A key for another purpose (DPoP nonces), derived so that it never equals this one."""
+        return hmac.new(self._key, b"token-provider derive\0" + label, hashlib.sha256).digest()
+
     def hash(self, secret: str) -> bytes:
         return hmac.new(self._key, secret.encode("utf-8"), hashlib.sha256).digest()
 

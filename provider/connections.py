@@ -77,14 +77,15 @@ def store_credential(provider: Provider, *, subject: str, upstream: Upstream, sc
 
 
 def issue_tokens(provider: Provider, client: Client, *, connection_id: str, subject: str,
-                 upstream: str, scope: str, family_id: str | None = None) -> dict[str, Any]:
+                 upstream: str, scope: str, family_id: str | None = None,
+                 cnf: dict[str, str] | None = None) -> dict[str, Any]:
     """An access and a refresh token for a connection (RFC 6749 §5.1 body)."""
     refresh_token, family = provider.refresh_tokens.start_family(
         client_id=client.client_id, subject=subject, scope=scope,
         audience=[gateway_resource(provider.settings.issuer, upstream)],
         connection_id=connection_id, family_id=family_id)
-    token, claims = provider.refresh_tokens.mint_access_token(client, family, scope)
-    return {"access_token": token, "token_type": "Bearer",
+    token, claims = provider.refresh_tokens.mint_access_token(client, family, scope, cnf)
+    return {"access_token": token, "token_type": "DPoP" if cnf else "Bearer",
             "expires_in": claims["exp"] - claims["iat"], "refresh_token": refresh_token,
             "scope": scope}
 

@@ -6,7 +6,9 @@ A call is authorised by a sequence of checks, each a refusal that never reaches 
 1. this instance decrypts (role ``gateway`` or ``all``), else 503;
 2. the upstream is declared, else 404;
 3. the token comes in the ``Authorization`` header (RFC 6750 §2.1), never the query, else 401;
-4. the token is valid and neither it nor an ancestor is revoked, else 401 ``invalid_token``;
+4. the token is valid and neither it nor an ancestor is revoked, else 401 ``invalid_token``; a
+   DPoP-bound token comes with the ``DPoP`` scheme and a proof by its key (RFC 9449 §7), an
+   unbound one as ``Bearer``;
 5. its ``aud`` names this upstream's gateway resource, else 401 ``invalid_token``;
 6. the raw path is unambiguous (no dot or empty segments, no encoded slash, backslash or dot),
    and a declared route matches the method and path, else 404;
@@ -24,6 +26,7 @@ connection row), and the decrypted credential is cached in this process only, fo
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from provider.config import Route, Upstream
 from provider.connections import address_allowed, gateway_resource, upstream_named
+from provider.dpop import InvalidDPoPProofAtResource
 from provider.errors import (
     AccessDenied,
     BadGateway,
@@ -111,14 +115,14 @@ class Gateway:
 
     def authorize(self, *, upstream_name: str, method: str, raw_path: str,
                   authorization: str | None, query_args: Any, remote_addr: str | None,
-                  ) -> Authorized:
+                  dpop_proofs: list[str] | None = None) -> Authorized:
         provider, settings = self.provider, self.provider.settings
         if not provider.vault.can_open:
             raise TemporarilyUnavailable("this instance does not forward calls (role web)")
         upstream = upstream_named(provider, upstream_name)
         if "access_token" in query_args:
             raise InvalidToken("send the access token in the Authorization header, not the query")
-        token = _bearer_token(authorization)
+        scheme, token = _presented_token(authorization)
         try:
             claims = verify_access_token(token, provider.keys, settings.issuer, settings.tokens.leeway)
         except TokenInvalid:
@@ -126,6 +130,7 @@ class Gateway:
         if provider.revocations.is_revoked(claims):
             raise InvalidToken("the access token is invalid")
         base = gateway_resource(settings.issuer, upstream.name)
+        self._check_sender(scheme, token, claims, dpop_proofs or [], method, base + (raw_path or "/"))
         token_audiences = audiences(claims)
         if not any(resource_covers(base, aud) for aud in token_audiences):
             raise InvalidToken("the access token is not for this upstream")
@@ -151,6 +156,22 @@ class Gateway:
                         connection["connection_id"])
             raise AccessDenied()
         return Authorized(upstream, route, path, claims, connection["connection_id"])
+
+    def _check_sender(self, scheme: str, token: str, claims: dict[str, Any], proofs: list[str],
+                      method: str, url: str) -> None:
+        """RFC 9449 §7: a bound token only with the DPoP scheme and a proof by its key over this
+        request; an unbound token only as a bearer token."""
+        cnf = claims.get("cnf")
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        if scheme == "bearer":
+            if jkt is not None:
+                raise InvalidToken("a DPoP-bound token needs the DPoP scheme and a proof")
+            return
+        if jkt is None:
+            raise InvalidToken("the access token is not DPoP-bound")
+        proof = self.provider.dpop.verify(proofs, method=method, url=url, access_token=token)
+        if not hmac.compare_digest(proof.jkt, jkt):
+            raise InvalidDPoPProofAtResource("the proof is not signed by the token's key")
 
     def _connection(self, subject: str, upstream: str, lineage_ids: list[str]) -> dict | None:
         """The subject's current connection, if the token derives from it. Rows are cached for
@@ -268,13 +289,14 @@ class Gateway:
             raise BadGateway() from None
 
 
-def _bearer_token(authorization: str | None) -> str:
+def _presented_token(authorization: str | None) -> tuple[str, str]:
+    """The scheme (``bearer`` or ``dpop``) and the token of the Authorization header."""
     if not authorization:
         raise MissingToken()
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise MissingToken("the Authorization header must carry a Bearer token")
-    return token.strip()
+    if scheme.lower() not in ("bearer", "dpop") or not token.strip():
+        raise MissingToken("the Authorization header must carry a Bearer or DPoP token")
+    return scheme.lower(), token.strip()
 
 
 def upstream_headers(headers: list[tuple[str, str]]) -> dict[str, str]:

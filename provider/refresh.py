@@ -140,7 +140,8 @@ class RefreshTokens:
         expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway + 60
         self.provider.revocations.revoke_ids([(family_id, expires_at)], reason)
 
-    def mint_access_token(self, client: Client, family: Family, scope: str) -> tuple[str, dict]:
+    def mint_access_token(self, client: Client, family: Family, scope: str,
+                          cnf: dict[str, str] | None = None) -> tuple[str, dict]:
         """An access token of the family (depth 0), never beyond the family's scope."""
         settings = self.provider.settings
         now = time.time()
@@ -150,7 +151,7 @@ class RefreshTokens:
             self.provider.keys, issuer=settings.issuer, sub=family.subject,
             client_id=family.client_id, audience=family.audience, scope=scope, now=int(now),
             expires_at=int(now) + ttl, lineage=family.lineage(),
-            may_act={"sub": client.may_act} if client.may_act else None,
+            may_act={"sub": client.may_act} if client.may_act else None, cnf=cnf,
         )
 
     def revoke(self, client: Client, token: str) -> bool:

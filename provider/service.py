@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from provider.clients import ClientRegistry, SecretHasher
 from provider.config import ConfigError, Settings
+from provider.dpop import DPoP
 from provider.gateway import Gateway
 from provider.keys import KeySet
 from provider.refresh import RefreshTokens
@@ -45,6 +46,7 @@ class Provider:
         self.vault = Vault.load(settings.keys_dir, settings.role)
         self.upstream_http = UpstreamHTTP(settings.gateway)
         self.gateway = Gateway(self)
+        self.dpop = DPoP(self)
 
     def start(self) -> None:
         """Load keys and revocations now, so that a missing ``init`` fails at start-up."""

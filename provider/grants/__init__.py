@@ -26,9 +26,13 @@ if TYPE_CHECKING:
 class Grant:
     GRANT_TYPE: ClassVar[str]
 
-    def __init__(self, provider: Provider):
+    def __init__(self, provider: Provider, dpop_jkt: str | None = None):
         self.provider = provider
         self.settings = provider.settings
+        # RFC 9449 §5: a proof at the token endpoint binds what is issued to the proof's key.
+        self.dpop_jkt = dpop_jkt
+        self.cnf = {"jkt": dpop_jkt} if dpop_jkt else None
+        self.token_type = "DPoP" if dpop_jkt else "Bearer"
 
     def issue(self, client: Client, params: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -72,21 +76,20 @@ class Grant:
             narrowed.append(normalized)
         return list(dict.fromkeys(narrowed))
 
-    @staticmethod
-    def response(token: str, claims: dict[str, Any], token_type: str = "Bearer",
-                 **extra: Any) -> dict[str, Any]:
+    def response(self, token: str, claims: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {
             "access_token": token,
-            "token_type": token_type,
+            "token_type": self.token_type,
             "expires_in": max(claims["exp"] - int(time.time()), 0),
             "scope": claims["scope"],
             **extra,
         }
 
 
-def issue(provider: Provider, client: Client, params: dict[str, Any]) -> dict[str, Any]:
+def issue(provider: Provider, client: Client, params: dict[str, Any],
+          dpop_jkt: str | None = None) -> dict[str, Any]:
     """Dispatch on ``grant_type`` (RFC 6749 §5.2 errors for a missing, unknown or
-    unregistered one)."""
+    unregistered one); ``dpop_jkt`` binds the issued token to a DPoP key."""
     grant_type = params.get("grant_type")
     if not isinstance(grant_type, str):
         raise InvalidRequest("grant_type is required")
@@ -95,7 +98,7 @@ def issue(provider: Provider, client: Client, params: dict[str, Any]) -> dict[st
         raise UnsupportedGrantType("this grant_type is not supported")
     if grant_type not in client.grant_types:
         raise UnauthorizedClient("this client is not registered for this grant type")
-    return grant(provider).issue(client, params)
+    return grant(provider, dpop_jkt).issue(client, params)
 
 
 # The registry. Imported last: each grant module subclasses Grant from this one.

@@ -37,5 +37,6 @@ class ClientCredentialsGrant(Grant):
             expires_at=int(now) + self.lifetime(client),
             lineage=Lineage.root(client.client_id, int(now * 1000)),
             may_act={"sub": client.may_act} if client.may_act else None,
+            cnf=self.cnf,
         )
         return self.response(token, claims)

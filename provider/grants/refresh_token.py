@@ -21,5 +21,6 @@ class RefreshTokenGrant(Grant):
         family = refresh_tokens.active_family(client, request["refresh_token"])
         scope = self.narrow_scope(request.get("scope"), family.scope) if family else None
         refresh_token, family = refresh_tokens.rotate(client, request["refresh_token"])
-        token, claims = refresh_tokens.mint_access_token(client, family, scope or family.scope)
+        token, claims = refresh_tokens.mint_access_token(client, family, scope or family.scope,
+                                                         self.cnf)
         return self.response(token, claims, refresh_token=refresh_token)

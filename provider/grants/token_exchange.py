@@ -87,6 +87,7 @@ class TokenExchangeGrant(Grant):
             lineage=lineage,
             act=act,
             may_act={"sub": client.may_act} if client.may_act else None,
+            cnf=self.cnf,
         )
         return self.response(token, claims, issued_token_type=issued_type)
 
@@ -138,6 +139,10 @@ class TokenExchangeGrant(Grant):
         except TokenInvalid:
             return None
         if self.provider.revocations.is_revoked(claims) or not _meant_for(client, claims):
+            return None
+        # RFC 9449: a DPoP-bound token is usable only with a proof by its key, never as bearer.
+        cnf = claims.get("cnf")
+        if isinstance(cnf, dict) and cnf.get("jkt") != self.dpop_jkt:
             return None
         return claims
 

@@ -22,7 +22,7 @@ def forward(upstream: str, path: str):
     call = gateway.authorize(
         upstream_name=upstream, method=request.method, raw_path=_raw_path(upstream),
         authorization=request.headers.get("Authorization"), query_args=request.args,
-        remote_addr=request.remote_addr)
+        remote_addr=request.remote_addr, dpop_proofs=request.headers.getlist("DPoP"))
     body, replayable = _body()
     answer = gateway.forward(
         call, method=request.method, query=request.query_string.decode("latin-1"),

@@ -7,6 +7,7 @@ from flask import Blueprint, request
 from provider import grants
 from provider.client_auth import authenticate
 from provider.clients import Client
+from provider.dpop import InvalidDPoPProof
 from provider.errors import Forbidden
 from provider.introspection import introspect
 from provider.revocation import revoke_presented_token
@@ -27,7 +28,13 @@ def _authenticated(form: dict) -> Client:
 def token():
     form = read_form()
     client = _authenticated(form)
-    return json_response(grants.issue(provider(), client, form))
+    jkt = None
+    if "DPoP" in request.headers:
+        jkt = provider().dpop.verify(request.headers.getlist("DPoP"), method="POST",
+                                     url=provider().settings.token_endpoint).jkt
+    elif client.dpop_required:
+        raise InvalidDPoPProof("this client must send a DPoP proof")
+    return json_response(grants.issue(provider(), client, form, dpop_jkt=jkt))
 
 
 @bp.post("/introspect")

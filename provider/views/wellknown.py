@@ -7,6 +7,7 @@ from pathlib import Path
 from flask import Blueprint, current_app
 
 from provider.clients import AUTH_METHODS
+from provider.dpop import ALGORITHMS as DPOP_ALGORITHMS
 from provider.grants import GRANTS
 from provider.views import json_response, provider
 
@@ -45,6 +46,7 @@ def metadata():
         "revocation_endpoint_auth_methods_supported": auth["methods"],
         "revocation_endpoint_auth_signing_alg_values_supported": auth["algorithms"],
         "code_challenge_methods_supported": ["S256"],
+        "dpop_signing_alg_values_supported": list(DPOP_ALGORITHMS),
         "service_documentation": f"{issuer}/openapi.yaml",
     }
     response = json_response(body, no_store=False)
