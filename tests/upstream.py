@@ -171,12 +171,12 @@ class FakeUpstream:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> FakeUpstream:
-        """Start serving on a random loopback port (no-op when already running); returns self."""
+    def start(self, port: int = 0) -> FakeUpstream:
+        """Start serving on a loopback port (random by default; no-op when already running)."""
         if self._server is not None:
             return self
         self._stopping.clear()
-        server = make_server("127.0.0.1", 0, self.wsgi_app, threaded=True)
+        server = make_server("127.0.0.1", port, self.wsgi_app, threaded=True)
         self._server = server
         self._url = f"http://127.0.0.1:{server.server_port}"
         # A short poll interval keeps stop() fast (the default makes shutdown wait up to 0.5 s).
@@ -415,3 +415,40 @@ def upstream_fixture() -> Iterator[FakeUpstream]:
     """A running :class:`FakeUpstream`, stopped after the test."""
     with FakeUpstream().start() as fake:
         yield fake
+
+
+def main() -> None:
+    """``python -m tests.upstream --port 9090``: the fake upstream for trying the provider by
+    hand (README's worked example). Prints the config table to paste and a token pair."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=9090)
+    port = parser.parse_args().port
+    fake = FakeUpstream().start(port)
+    tokens = fake.issue_tokens()
+    print(f"""fake upstream on {fake.url}; add to instance/provider.toml:
+
+[upstreams.drive]
+base_url = "{fake.base_url}"
+authorize_url = "{fake.authorize_url}"
+token_url = "{fake.token_url}"
+client_id = "{fake.client_id}"
+client_secret = "{fake.client_secret}"
+scopes = ["files.read"]
+[[upstreams.drive.routes]]
+method = "GET"
+path = "/files/{{id}}"
+scope = "files:read"
+
+an upstream access token to deposit: {tokens["access_token"]}
+its refresh token: {tokens["refresh_token"]}
+(Ctrl-C stops it)""", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
