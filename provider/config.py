@@ -101,6 +101,8 @@ class RateLimits:
     """Gateway calls per token family (all tokens exchanged from one root)."""
     suspend_gateway: RateLimit = RateLimit(6000, 60)
     """Gateway calls, refused or not, beyond which the token family is suspended."""
+    clients: tuple[tuple[str, RateLimit], ...] = ()
+    """``[rate_limits.clients]``: client id -> its own ``/token`` limit instead of ``token``."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ class Upstream:
     client_secret: str = field(default="", repr=False)
     scopes: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
+    rate_limit: RateLimit | None = None
+    """Gateway calls per connection; None: the same as ``rate_limits.gateway``."""
+    suspend_rate_limit: RateLimit | None = None
+    """Calls per connection beyond which it is suspended; None: ``rate_limits.suspend.gateway``."""
 
 
 @dataclass(frozen=True)
@@ -282,13 +288,23 @@ def _section(cls: type, table: Any, section: str) -> Any:
 
 def _rate_limits(table: Any) -> RateLimits:
     table = _table(table, "rate_limits")
-    values: dict[str, RateLimit] = {}
+    values: dict[str, Any] = {}
     for key, value in table.items():
         if key == "suspend":
             for sub_key, sub_value in _table(value, "rate_limits.suspend").items():
                 if sub_key != "gateway":
                     raise ConfigError(f"rate_limits.suspend.{sub_key} is not a setting")
                 values["suspend_gateway"] = RateLimit.parse(sub_value, "rate_limits.suspend.gateway")
+            continue
+        if key == "clients":
+            clients = _table(value, "rate_limits.clients")
+            for client_id in clients:
+                if not re.match(r"^[\x21-\x7e]{1,255}$", client_id):
+                    raise ConfigError(f"rate_limits.clients: {client_id!r} is not a client id")
+            values["clients"] = tuple(
+                (client_id, RateLimit.parse(limit, f"rate_limits.clients.{client_id}"))
+                for client_id, limit in sorted(clients.items())
+            )
             continue
         if key not in {"token", "introspect", "failed_client_auth", "gateway"}:
             raise ConfigError(f"rate_limits.{key} is not a setting")
@@ -302,7 +318,7 @@ def _upstream(name: str, table: Any) -> Upstream:
         raise ConfigError(f"{where}: an upstream name is 1-63 of a-z, 0-9, '-' and '_'")
     table = dict(_table(table, where))
     known = {"base_url", "authorize_url", "token_url", "client_id", "client_secret",
-             "client_secret_env", "scopes", "routes"}
+             "client_secret_env", "scopes", "routes", "rate_limit", "suspend_rate_limit"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a setting")
@@ -333,6 +349,8 @@ def _upstream(name: str, table: Any) -> Upstream:
         client_secret=secret,
         scopes=tuple(scopes),
         routes=routes,
+        **{key: RateLimit.parse(table[key], f"{where}.{key}")
+           for key in ("rate_limit", "suspend_rate_limit") if key in table},
     )
 
 
@@ -430,6 +448,9 @@ gateway = "600/minute"          # per token family (all tokens exchanged from on
 [rate_limits.suspend]           # calls beyond these, refused or not, suspend the family
 gateway = "6000/minute"
 
+# [rate_limits.clients]         # a client's own /token limit instead of rate_limits.token
+# "batch-client" = "60/minute"
+
 [gateway]
 connect_timeout = 5             # seconds to reach the upstream
 read_timeout = 30               # seconds for the upstream to answer
@@ -446,6 +467,8 @@ webhook_url = ""
 # client_id = "provider-at-upstream"
 # client_secret_env = "DRIVE_CLIENT_SECRET"   # or client_secret = "..." for development
 # scopes = ["files.read"]         # upstream scopes asked for in the connect flow
+# rate_limit = "600/minute"       # per connection; default: rate_limits.gateway
+# suspend_rate_limit = "6000/minute"  # suspends the connection; default: rate_limits.suspend.gateway
 # [[upstreams.drive.routes]]
 # method = "GET"
 # path = "/files/{id}"            # {name} matches exactly one path segment

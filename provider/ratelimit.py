@@ -1,0 +1,296 @@
+"""Rate limits as circuit breakers, counted by the :pypi:`limits` library.
+
+Four kinds of limit (``[rate_limits]`` in the config):
+
+- ``/token`` and ``/introspect`` calls per client (``token`` may be overridden per client in
+  ``[rate_limits.clients]``);
+- failed client authentications per source address (an IPv6 address counts as its /64), and
+  per client id from one address (``failed_client_auth``), checked *before* authenticating so
+  that a guesser is refused without the provider hashing its guesses;
+- gateway calls per token family (``gateway``) and per connection (the upstream's
+  ``rate_limit``, default ``gateway``).
+
+Exceeding one raises :class:`RateLimited` (429, ``Retry-After``). Gateway calls are also
+counted against a second, higher threshold (``[rate_limits.suspend].gateway``, and the
+upstream's ``suspend_rate_limit``): every call counts there, refused or not, and crossing it
+returns a :class:`Verdict` telling the caller to suspend the family or the connection (revoke,
+alert). That is the circuit breaker for a stolen token that is siphoning data.
+
+Counting uses the ``limits`` moving-window strategy: exact ("at most N in any span of the
+period", no burst of 2N at a fixed window's edge) and it gives the time the oldest counted call
+leaves the window, which is exactly when the next one is allowed: the ``Retry-After``. Storage
+is in-process memory without a Redis URL (each process counts alone) or Redis with one (every
+instance sharing the Redis shares the counts), under the key prefix ``provider:rl:<hash of the
+issuer>`` so that deployments sharing one Redis do not count each other's calls. Identifiers
+(client ids, addresses, family and connection ids) are hashed into the keys: an attacker
+choosing a client id cannot choose key length or content.
+
+Fail closed: when the counts cannot be read or written (Redis down, timing out, refusing), every
+check raises :class:`provider.errors.TemporarilyUnavailable` (503); nothing is let through
+uncounted. The Redis client is built without long retry loops, so a check fails within about
+the socket timeout, and the next check after Redis returns simply works again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis.exceptions
+from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.errors import ConcurrentUpdateError, StorageError
+from limits.storage import MemoryStorage, RedisStorage, Storage
+from limits.strategies import MovingWindowRateLimiter
+
+from provider.config import RateLimit, Settings
+from provider.errors import OAuthError, TemporarilyUnavailable
+
+log = logging.getLogger("provider.ratelimit")
+
+REDIS_SOCKET_TIMEOUT = 1.0
+"""Seconds a Redis command may take before the check fails closed."""
+
+_ITEMS: dict[int, type[RateLimitItem]] = {
+    1: RateLimitItemPerSecond,
+    60: RateLimitItemPerMinute,
+    3600: RateLimitItemPerHour,
+}
+_STORAGE_ERRORS = (StorageError, ConcurrentUpdateError, redis.exceptions.RedisError, OSError)
+
+
+class RateLimited(OAuthError):
+    """429 Too Many Requests (RFC 6585 §4) with ``Retry-After`` (RFC 9110 §10.2.3).
+
+    The error code is RFC 6749 §4.1.2.1's ``temporarily_unavailable``: "The authorization
+    server is currently unable to handle the request due to a temporary overloading ...". The
+    description says which limit was hit, never whose (no client id, address or token id).
+    """
+
+    error = "temporarily_unavailable"
+    status_code = 429
+    default_description = "too many requests"
+
+    def __init__(self, description: str | None = None, retry_after: int = 1):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(description, {"Retry-After": str(self.retry_after)})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`Limiter.hit_gateway` found, for a call it did not refuse by raising.
+
+    ``suspend_family`` / ``suspend_connection``: that suspension threshold is crossed; the
+    caller revokes the family (the lineage's root ids) or the connection with a reason, records
+    an alert and sends it. ``refusal``: when set, the caller must not forward the call and
+    raises it once the suspension is done (a call crossing a suspension threshold has normally
+    exceeded the plain limit too).
+    """
+
+    suspend_family: bool = False
+    suspend_connection: bool = False
+    refusal: RateLimited | None = None
+
+    @property
+    def suspend(self) -> bool:
+        return self.suspend_family or self.suspend_connection
+
+
+def _item(limit: RateLimit, namespace: str) -> RateLimitItem:
+    return _ITEMS[limit.period](limit.count, namespace=namespace)
+
+
+def _key(value: str) -> str:
+    """A fixed-length key part for ``value``: it may be long or attacker-chosen."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _address(address: str) -> str:
+    """The source a failed-authentication limit counts: an IPv4 address, or an IPv6 address's
+    /64 (one host usually holds a whole /64, and would otherwise have 2**64 allowances)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return _key(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        else:
+            return _key(str(ipaddress.IPv6Network((ip, 64), strict=False)))
+    return _key(str(ip))
+
+
+def key_prefix(issuer: str) -> str:
+    return "provider:rl:" + hashlib.sha256(issuer.encode("utf-8")).hexdigest()[:16]
+
+
+def _redis_storage(redis_url: str, prefix: str) -> RedisStorage:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    scheme = urlsplit(redis_url).scheme
+    if scheme == "unix":  # limits spells a Unix socket redis+unix://
+        redis_url = "redis+unix" + redis_url[len("unix"):]
+    return RedisStorage(
+        redis_url,
+        key_prefix=prefix,
+        wrap_exceptions=True,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        # One immediate retry replaces a pooled connection Redis dropped (a restart);
+        # redis-py's default of ten backed-off retries would hold a request for seconds.
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+class Limiter:
+    def __init__(self, settings: Settings, redis_url: str = ""):
+        limits = settings.rate_limits
+        self.storage: Storage = (
+            _redis_storage(redis_url, key_prefix(settings.issuer)) if redis_url else MemoryStorage()
+        )
+        self.strategy = MovingWindowRateLimiter(self.storage)
+        self._token = _item(limits.token, "token")
+        self._token_clients = {
+            client_id: _item(limit, "token") for client_id, limit in limits.clients
+        }
+        self._introspect = _item(limits.introspect, "introspect")
+        self._failed_address = _item(limits.failed_client_auth, "auth-addr")
+        self._failed_client = _item(limits.failed_client_auth, "auth-client")
+        self._family = _item(limits.gateway, "gw-family")
+        self._family_suspend = _item(limits.suspend_gateway, "gw-family-suspend")
+        self._connection: dict[str, tuple[RateLimitItem, RateLimitItem]] = {
+            name: (
+                _item(upstream.rate_limit or limits.gateway, "gw-conn"),
+                _item(upstream.suspend_rate_limit or limits.suspend_gateway, "gw-conn-suspend"),
+            )
+            for name, upstream in settings.upstreams.items()
+        }
+        self._default_connection = (
+            _item(limits.gateway, "gw-conn"), _item(limits.suspend_gateway, "gw-conn-suspend"))
+        self._failing = False
+        self._failing_lock = threading.Lock()
+
+    def after_fork(self) -> None:
+        """Give a forked worker fresh in-process counts (redis-py reconnects by itself)."""
+        if isinstance(self.storage, MemoryStorage):
+            self.storage = MemoryStorage()
+            self.strategy = MovingWindowRateLimiter(self.storage)
+
+    # -- the checks -------------------------------------------------------------------------
+
+    def hit_token(self, client_id: str) -> None:
+        item = self._token_clients.get(client_id, self._token)
+        with self._guard():
+            self._hit_or_raise(item, _key(client_id), "the /token rate limit of this client")
+
+    def hit_introspect(self, client_id: str) -> None:
+        with self._guard():
+            self._hit_or_raise(self._introspect, _key(client_id),
+                               "the /introspect rate limit of this client")
+
+    def check_failed_auth(self, address: str, client_id: str | None) -> None:
+        """Before authenticating: refuse an address (or a client id from it) that has already
+        failed ``failed_client_auth`` times in the period. Counts nothing."""
+        with self._guard():
+            checks = [(self._failed_address, (_address(address),))]
+            if client_id is not None:
+                checks.append((self._failed_client, (_key(client_id), _address(address))))
+            for item, identifiers in checks:
+                if not self.strategy.test(item, *identifiers):
+                    raise self._refusal(item, identifiers,
+                                        "too many failed client authentications from this address")
+
+    def record_failed_auth(self, address: str, client_id: str | None) -> None:
+        """After a failed authentication: one more for the address and for (client id,
+        address)."""
+        with self._guard():
+            self.strategy.hit(self._failed_address, _address(address))
+            if client_id is not None:
+                self.strategy.hit(self._failed_client, _key(client_id), _address(address))
+
+    def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:
+        """Count one gateway call for the token family and for the connection.
+
+        Raises :class:`RateLimited` when a plain limit is exceeded and no suspension threshold
+        is crossed. When one is crossed, returns the verdict instead, with ``refusal`` set if
+        the plain limit refused the call too: the caller suspends, then raises the refusal.
+        """
+        family_key, connection_key = _key(family), _key(connection_id)
+        connection_item, connection_suspend = self._connection.get(
+            upstream, self._default_connection)
+        with self._guard():
+            # Every call counts towards suspension, whether the plain limit refuses it or not.
+            suspend_family = not self.strategy.hit(self._family_suspend, family_key)
+            suspend_connection = not self.strategy.hit(connection_suspend, connection_key)
+            refusal = None
+            if not self.strategy.hit(self._family, family_key):
+                refusal = self._refusal(self._family, (family_key,),
+                                        "the gateway rate limit of this token family")
+            elif not self.strategy.hit(connection_item, connection_key):
+                refusal = self._refusal(connection_item, (connection_key,),
+                                        "the gateway rate limit of this connection")
+        if suspend_family or suspend_connection:
+            return Verdict(suspend_family, suspend_connection, refusal)
+        if refusal is not None:
+            raise refusal
+        return Verdict()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _hit_or_raise(self, item: RateLimitItem, identifier: str, what: str) -> None:
+        if not self.strategy.hit(item, identifier):
+            raise self._refusal(item, (identifier,), what)
+
+    def _refusal(self, item: RateLimitItem, identifiers: tuple[str, ...], what: str) -> RateLimited:
+        reset = self.strategy.get_window_stats(item, *identifiers).reset_time
+        retry_after = max(1, math.ceil(reset - time.time()))
+        return RateLimited(f"rate limited: {what} ({_describe(item)}) is exceeded; retry later",
+                           retry_after)
+
+    def _guard(self) -> _Guard:
+        return _Guard(self)
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        cause = getattr(exc, "storage_error", None) or exc
+        with self._failing_lock:
+            first, self._failing = not self._failing, True
+        if first:
+            log.warning("rate limits cannot be checked (%s: %s); refusing requests until the "
+                        "storage answers again", type(cause).__name__, cause)
+
+    def _storage_answered(self) -> None:
+        if self._failing:
+            with self._failing_lock:
+                recovered, self._failing = self._failing, False
+            if recovered:
+                log.warning("rate limit storage answers again")
+
+
+class _Guard:
+    """Turns a storage failure inside the block into a 503, and logs outages once."""
+
+    def __init__(self, limiter: Limiter):
+        self.limiter = limiter
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, RateLimited):
+            self.limiter._storage_answered()
+            return False
+        if isinstance(exc, _STORAGE_ERRORS):
+            self.limiter._storage_failed(exc)
+            raise TemporarilyUnavailable("rate limits cannot be checked right now") from None
+        return False
+
+
+def _describe(item: RateLimitItem) -> str:
+    unit = {1: "second", 60: "minute", 3600: "hour"}[item.get_expiry()]
+    return f"{item.amount}/{unit}"
