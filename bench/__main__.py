@@ -20,11 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from bench import fixtures, report, wrk
 from bench.noise import CpuMeter, Noise
@@ -82,8 +80,15 @@ def _git_revision() -> str:
     return completed.stdout.strip() or "unknown"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    measurements: list[report.Measurement]
+    rss_mib: dict[str, dict[int, float]]
+    noise: Noise
+
+
 def measure(wrk_path: str, work: Path, seconds: float, warmup: int,
-            servers: list[Server]) -> dict[str, Any]:
+            servers: list[Server]) -> Outcome:
     """Start both servers (appending them to ``servers`` so the caller stops them) and measure."""
     instance = fixtures.ProviderInstance(work / "provider", free_port())
     instance.directory.mkdir()
@@ -114,7 +119,7 @@ def measure(wrk_path: str, work: Path, seconds: float, warmup: int,
         with meter:
             measurements = _measure_all(wrk_path, scripts, provider, baseline, seconds)
     peaks = {server.name: sampler.peaks_mib(server.name) for server in (provider, baseline)}
-    return {"measurements": measurements, "rss": peaks, "noise": meter.noise}
+    return Outcome(measurements, peaks, meter.noise)
 
 
 def _timed(wrk_path: str, script: Path, server: Server, connections: int,
@@ -154,6 +159,8 @@ def main() -> int:
     warmup = round(_seconds("BENCH_WARMUP_SECONDS", 2.0))
     started = time.monotonic()
     wrk_path = wrk.ensure_wrk()
+    # Ctrl-C raises KeyboardInterrupt even when started from a shell that ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     load_before = os.getloadavg()
@@ -164,61 +171,24 @@ def main() -> int:
         except RuntimeError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("bench: interrupted; stopping the servers", file=sys.stderr)
+            return 130
         finally:
             for server in reversed(servers):
                 server.stop()
-    runtime = time.monotonic() - started
-
-    measurements: list[report.Measurement] = outcome["measurements"]
-    peaks: dict[str, dict[int, float]] = outcome["rss"]
-    noise: Noise = outcome["noise"]
-    provider_rss = max(peaks["provider"].values(), default=0.0)
-    met, checked = report.summary(measurements, provider_rss)
     command = f"BENCH_SECONDS={seconds:g} make bench" if "BENCH_SECONDS" in os.environ \
         else "make bench"
+    run = report.Run(
+        measurements=outcome.measurements, rss_mib=outcome.rss_mib, noise=outcome.noise,
+        seconds=seconds, warmup_seconds=warmup, runtime_s=time.monotonic() - started,
+        command=command,
+        machine={"cpus": os.cpu_count(), "python": platform.python_version(),
+                 "wrk": wrk.version(wrk_path), "revision": _git_revision(),
+                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()})
     print()
-    print(f"token-provider bench: {seconds:g} s per run, wrk -t2, gunicorn sync x2 --preload, "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before")
-    print("Ratios are provider req/s over the same-run baseline's (trivial Flask app doing only "
-          "the inherent HMAC + ES256 work); latency is the provider's.")
-    print()
-    print(report.table(measurements))
-    print()
-    print("Server CPU time (master + workers, user + system) per request; ratio = baseline/provider,")
-    print("the throughput ratio without the other load on the machine (for reading, not judged):")
-    print(report.cpu_table(measurements))
-    print()
-    for line in report.rss_lines(peaks):
-        print(line)
-    for line in report.problems(measurements):
-        print(line)
-    print()
-    print(f"Noise: other processes kept {noise.other_share:.0%} of the {os.cpu_count()} CPUs busy "
-          f"during the timed runs (hypervisor steal {noise.steal_share:.0%}); the more, the less "
-          "the absolute figures mean.")
-    print(f"Targets met: {met}/{checked}.  Runtime {runtime:.0f} s.")
-    document = {
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "revision": _git_revision(),
-        "command": command,
-        "seconds": seconds,
-        "warmup_seconds": warmup,
-        "runtime_s": round(runtime, 1),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "wrk": wrk.version(wrk_path), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg(),
-                    "other_cpu_share": round(noise.other_share, 3),
-                    "steal_cpu_share": round(noise.steal_share, 3)},
-        "targets": {"ratio": report.RATIO_TARGETS, "p99_ms": report.P99_TARGETS_MS,
-                    "rss_mib": report.RSS_TARGET_MIB},
-        "results": [m.as_dict() for m in measurements],
-        "rss_mib": {name: {str(pid): round(mib, 1) for pid, mib in workers.items()}
-                    for name, workers in peaks.items()},
-        "rss_met": provider_rss < report.RSS_TARGET_MIB,
-        "targets_met": met,
-        "targets_checked": checked,
-    }
-    path = report.write_json(document)
+    print(report.render(run))
+    path = report.write_json(run)
     print(f"Wrote {path.relative_to(REPO)}.  Reproduce: {command}  "
           f"(BENCH_SECONDS=<s> per run, default 8; e.g. BENCH_SECONDS=20 make bench)")
     return 0

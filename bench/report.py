@@ -1,12 +1,14 @@
-"""The issue's targets, the table printed to stdout, and ``bench/results/latest.json``."""
+"""The issue's targets, the report printed to stdout, and ``bench/results/latest.json``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.noise import Noise
 from bench.wrk import WrkResult
 
 # The issue's targets: provider throughput as a share of the same-run baseline's, p99 latency
@@ -14,6 +16,7 @@ from bench.wrk import WrkResult
 RATIO_TARGETS = {"client_credentials": 0.8, "token_exchange": 0.7, "introspection": 0.8}
 P99_TARGETS_MS = {4: 5.0, 32: 15.0}
 RSS_TARGET_MIB = 120.0
+NOISY = 0.25  # share of the CPUs taken by other processes above which a run is called noisy
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -140,15 +143,90 @@ def problems(measurements: list[Measurement]) -> list[str]:
     return found
 
 
-def summary(measurements: list[Measurement], provider_rss_mib: float) -> tuple[int, int]:
-    """(targets met, targets checked)."""
-    verdicts: list[bool] = [m.ratio_met for m in measurements]
-    verdicts += [m.p99_met for m in measurements if m.p99_met is not None]
-    verdicts.append(provider_rss_mib < RSS_TARGET_MIB)
-    return sum(verdicts), len(verdicts)
+@dataclass(frozen=True)
+class Run:
+    """Everything one ``make bench`` measured, and how."""
+
+    measurements: list[Measurement]
+    rss_mib: dict[str, dict[int, float]]  # server name -> worker pid -> peak MiB
+    noise: Noise
+    seconds: float
+    warmup_seconds: int
+    runtime_s: float
+    command: str
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provider_rss_mib(self) -> float:
+        return max(self.rss_mib.get("provider", {}).values(), default=0.0)
+
+    @property
+    def rss_met(self) -> bool:
+        return self.provider_rss_mib < RSS_TARGET_MIB
+
+    @property
+    def verdicts(self) -> list[bool]:
+        found: list[bool] = [m.ratio_met for m in self.measurements]
+        found += [m.p99_met for m in self.measurements if m.p99_met is not None]
+        found.append(self.rss_met)
+        return found
 
 
-def write_json(document: dict[str, Any], path: Path = RESULTS) -> Path:
+def render(run: Run) -> str:
+    """The report printed to stdout."""
+    cpus = run.machine.get("cpus")
+    lines = [
+        f"token-provider bench: {run.seconds:g} s per run, wrk -t2, gunicorn sync x2 --preload, "
+        f"{cpus} CPUs, load average {run.machine.get('loadavg_before', [0.0])[0]:.2f} before",
+        "ratio = provider req/s / baseline req/s, both measured in this run (the baseline is a "
+        "trivial Flask app",
+        "doing only the inherent HMAC + ES256 work); slices = that ratio in each back-to-back "
+        "pair of runs;",
+        "p50/p99 are the provider's.",
+        "",
+        table(run.measurements),
+        "",
+        "Server CPU time (master + workers, user + system) per request; ratio = baseline/provider,",
+        "the throughput ratio without the other load on the machine (for reading, not judged):",
+        cpu_table(run.measurements),
+        "",
+        *rss_lines(run.rss_mib),
+        *problems(run.measurements),
+        "",
+        f"Noise: other processes kept {run.noise.other_share:.0%} of the {cpus} CPUs busy during "
+        f"the timed runs (hypervisor steal {run.noise.steal_share:.0%}); the more, the less the "
+        "absolute figures mean.",
+    ]
+    if run.noise.other_share > NOISY:
+        lines += ["The machine was busy: trust the ratios (and the CPU table) over the absolute "
+                  "figures; a longer run", "(BENCH_SECONDS=20 make bench) narrows the slice spread."]
+    verdicts = run.verdicts
+    lines.append(f"Targets met: {sum(verdicts)}/{len(verdicts)}.  Runtime {run.runtime_s:.0f} s.")
+    return "\n".join(lines)
+
+
+def document(run: Run) -> dict[str, Any]:
+    """What ``bench/results/latest.json`` holds."""
+    verdicts = run.verdicts
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": run.command,
+        "seconds": run.seconds,
+        "warmup_seconds": run.warmup_seconds,
+        "runtime_s": round(run.runtime_s, 1),
+        "machine": {**run.machine, "other_cpu_share": round(run.noise.other_share, 3),
+                    "steal_cpu_share": round(run.noise.steal_share, 3)},
+        "targets": {"ratio": RATIO_TARGETS, "p99_ms": P99_TARGETS_MS, "rss_mib": RSS_TARGET_MIB},
+        "results": [m.as_dict() for m in run.measurements],
+        "rss_mib": {name: {str(pid): round(mib, 1) for pid, mib in workers.items()}
+                    for name, workers in run.rss_mib.items()},
+        "rss_met": run.rss_met,
+        "targets_met": sum(verdicts),
+        "targets_checked": len(verdicts),
+    }
+
+
+def write_json(run: Run, path: Path = RESULTS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(document(run), indent=2) + "\n", encoding="utf-8")
     return path

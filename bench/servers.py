@@ -32,7 +32,13 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process in a new session (so its own process group), logging to a file."""
+    """A server process in a new session (so its own process group), logging to a file.
+
+    gunicorn's control socket defaults to ``$HOME/.gunicorn/gunicorn.ctl``, shared by every
+    gunicorn of the user: a newer master takes it over, and a control command meant for another
+    server (a test's, a developer's) would reach ours. Each server here gets its own
+    ``XDG_RUNTIME_DIR``, hence its own socket, and leaves the others' alone.
+    """
 
     def __init__(self, name: str, command: Sequence[str], port: int, env: dict[str, str],
                  cwd: Path, log_path: Path, workers: int = 2):
@@ -40,7 +46,8 @@ class Server:
         self.workers = workers
         self.command = list(command)
         self.port = port
-        self.env = env
+        self.runtime_dir = log_path.parent / f"{name}-run"
+        self.env = {**env, "XDG_RUNTIME_DIR": str(self.runtime_dir)}
         self.cwd = cwd
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -54,6 +61,7 @@ class Server:
 
     def start(self, ready_path: str = "/healthz", timeout: float = 60.0) -> None:
         """Start, and return once ``ready_path`` answers 200 and every worker is forked."""
+        self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=self._log,
