@@ -428,5 +428,47 @@ def revoke(jti: str | None, subject: str | None, client_id: str | None,
     _emit(as_json, {"revoked": {kind: value}}, lambda: [f"revoked {kind} {value}"])
 
 
+# audit --------------------------------------------------------------------------------------
+
+
+def _since(value: str | None) -> float | None:
+    """``--since``: an ISO-8601 date or time; without a zone it is UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise RegistrationError(
+            f"--since must be an ISO-8601 date or time (2024-05-01T12:00:00Z), not {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _audit_line(event: dict[str, Any]) -> str:
+    rest = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in event.items()
+            if k not in ("time", "type") and v is not None]
+    return f"{event['time']}  {event['type']}  {' '.join(rest)}"
+
+
+@cli.command()
+@click.option("--since", help="Only events at or after this ISO-8601 time (UTC if no zone).")
+@click.option("--subject", help="Only events about this subject (their sub).")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 1000000),
+              help="Print at most the newest N events.")
+@json_option
+@guarded
+def audit(since: str | None, subject: str | None, limit: int, as_json: bool) -> None:
+    """Print the audit trail, oldest first (jtis and hashes, never a token or secret)."""
+    from provider.audit import AuditLog
+
+    after = _since(since)
+    provider = _provider()
+    events = AuditLog(provider.storage, enabled=False).query(since=after, subject=subject,
+                                                             limit=limit)
+    _emit(as_json, events, lambda: [_audit_line(e) for e in events])
+
+
 if __name__ == "__main__":
     main()

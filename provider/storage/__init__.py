@@ -336,3 +336,26 @@ class Storage:
     def use_authorization_code(self, code_hash: str, now: float) -> dict[str, Any] | None:
         table = schema.authorization_codes
         return self._claim(table, table.c.code_hash, code_hash, "used_at", now)
+
+    # Audit trail --------------------------------------------------------------------------
+
+    def add_audit_events(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append events: one executemany in one transaction."""
+        rows = list(rows)
+        if rows:
+            with self.transaction() as connection:
+                connection.execute(sa.insert(schema.audit_events), rows)
+
+    def audit_events(self, since: float | None = None, subject: str | None = None,
+                     limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest ``limit`` events at or after ``since`` (about ``subject``), newest last."""
+        table = schema.audit_events
+        query = sa.select(table).order_by(table.c.time.desc(), table.c.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(table.c.time >= since)
+        if subject is not None:
+            query = query.where(table.c.sub == subject)
+        with self.engine.connect() as connection:
+            rows = [dict(r) for r in connection.execute(query).mappings()]
+        rows.reverse()
+        return rows

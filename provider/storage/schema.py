@@ -155,3 +155,20 @@ authorization_codes = Table(
     Column("expires_at", Float, nullable=False),
     Column("used_at", Float, nullable=True),
 )
+
+# The audit trail (provider/audit.py): append-only, written in batches by a background thread.
+# ``data`` holds the event's other fields; nothing here is ever a token or a secret.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("time", Float, nullable=False),  # seconds since the epoch, when the event happened
+    Column("type", String(64), nullable=False),
+    Column("request_id", String(32), nullable=True),
+    Column("client_id", String(255), nullable=True),
+    Column("sub", String(255), nullable=True),
+    Column("jti", String(64), nullable=True),
+    Column("data", JSON, nullable=False),
+    Index("ix_audit_events_time", "time"),
+    Index("ix_audit_events_sub", "sub"),
+)

@@ -1,0 +1,403 @@
+"""The audit trail: one structured JSON event per security-relevant action.
+
+Every issuance, exchange (with the subject and actor ``jti``), refresh, introspection (by whom),
+revocation (with its cause), deposit, decryption, gateway call (method, route template, status,
+bytes), refusal and alert is recorded with :meth:`AuditLog.record`. Each event goes two ways:
+
+* **the log**: one JSON line on the ``provider.audit`` logger (level INFO), written
+  *synchronously* inside ``record()``. It is cheap, and it means the log has every event, also
+  those the store loses;
+* **the store**: the ``audit_events`` table (append-only), written *asynchronously* by a daemon
+  thread in batches (at most ``batch_size`` events, at most ``flush_interval`` seconds old),
+  each batch one ``executemany`` in one transaction. The request path never waits for the
+  database: ``record()`` puts the event on a bounded queue and returns.
+
+What can be lost, and when:
+
+* **A crash** (SIGKILL, OOM, power) loses the events queued in that process and not yet
+  written: at most one batch interval (``flush_interval``, 0.5 s by default) of events, plus
+  whatever piled up while the database was slow or down. The log lines of those events were
+  already written.
+* **A full queue** (``max_queue`` events waiting: the database is down or far too slow) drops
+  new events from the store and counts them (:attr:`AuditLog.dropped`); a warning with the
+  count is logged at most once every 10 seconds. Their log lines are still written.
+* **A normal exit** loses nothing: an ``atexit`` hook flushes the queue (gunicorn workers exit
+  through ``sys.exit``, so they run it), and :meth:`AuditLog.close` does the same explicitly.
+
+Processes. gunicorn builds the app in the master and then forks its workers (``preload_app``);
+a thread started in the master does not exist in a worker. The writer thread is therefore
+started lazily, by the first ``record()`` *in the current process* (checked with
+``os.getpid()``), and a forked child starts with an empty queue of its own (events the parent
+had queued are the parent's to write) and its own database connections.
+
+Secrets. Events carry ``jti`` values and hashes, never a token, a secret, a client assertion or
+an upstream credential. :meth:`AuditLog.record` also scrubs defensively: it drops every field
+whose name contains ``token``, ``secret``, ``assertion``, ``password`` or ``credential``
+(except ``jti``, names ending in ``_jti``, and names ending in ``_type`` or ``_type_hint``, which
+name RFC 8693/7009 token types such as ``subject_token_type``), at any depth, and every string
+value that contains a JWT, and lists what it dropped under ``redacted`` so that the caller can
+be fixed. Field names ``time``, ``id``, ``data`` and ``redacted`` are reserved and dropped too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import binascii
+import json
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time
+import weakref
+from datetime import UTC, datetime
+from typing import Any
+
+from provider.storage import Storage
+
+log = logging.getLogger("provider.audit")  # every line one JSON event
+# The store's own troubles: not events, so not under "provider.audit".
+_internal = logging.getLogger("provider.audit_store")
+
+# Columns of ``audit_events`` that hold a string, with their lengths. A longer value is cut to
+# fit its column and kept whole in ``data``, so that one odd value cannot fail a whole batch.
+_COLUMNS = {"type": 64, "request_id": 32, "client_id": 255, "sub": 255, "jti": 64}
+_RESERVED = frozenset({"time", "id", "data", "redacted", *_COLUMNS})
+_SECRET_NAME = re.compile(r"token|secret|assertion|password|credential", re.IGNORECASE)
+# A compact JWS or JWE: three (or five) base64url parts, the first a JSON object (so it starts
+# "ey" or "ew"), anywhere in a string ("Bearer eyJ...", a query string...).
+_JWT_CANDIDATE = re.compile(
+    r"(?<![A-Za-z0-9_-])(e[wy][A-Za-z0-9_-]{14,})\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_DROP_WARNING_INTERVAL = 10.0
+_WRITE_RETRIES = (0.2, 1.0)  # pauses before retrying a batch the database did not take
+
+
+class _Flush:
+    """A marker on the queue: the writer sets ``done`` once everything before it is written."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+class AuditLog:
+    """Record audit events to the ``provider.audit`` log and, in batches, to the database.
+
+    ``enabled=False`` keeps only the log: nothing is queued or stored and no thread starts.
+    """
+
+    def __init__(self, storage: Storage, *, batch_size: int = 200, flush_interval: float = 0.5,
+                 max_queue: int = 10000, enabled: bool = True):
+        if batch_size < 1 or max_queue < 1 or flush_interval <= 0:
+            raise ValueError("batch_size and max_queue must be at least 1, flush_interval above 0")
+        self.storage = storage
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_queue = max_queue
+        self.enabled = enabled
+        self.dropped = 0  # events the store never received (queue full or database refusal)
+        self._fresh_process_state()
+        self._closed = False
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _call(reference, "_after_fork_in_child"))
+        atexit.register(_call, reference, "close")
+
+    def _fresh_process_state(self) -> None:
+        """Queue, locks and thread of this process (new ones after a fork: the parent's locks
+        may have been held by a thread that does not exist here)."""
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.max_queue)
+        self._start_lock = threading.Lock()
+        self._drop_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._dropped_unreported = 0
+        self._last_drop_warning = float("-inf")
+
+    def _after_fork_in_child(self) -> None:
+        self._fresh_process_state()
+        self.storage.dispose()  # never share the parent's pooled connections
+
+    # Recording ----------------------------------------------------------------------------
+
+    def record(self, type: str, *, request_id: str | None = None, client_id: str | None = None,
+               sub: str | None = None, jti: str | None = None, **fields: Any) -> None:
+        """Record one event. Never blocks, and never raises: an audit problem must not fail
+        the request it describes."""
+        try:
+            row = self._event(type, request_id, client_id, sub, jti, fields)
+        except Exception as exc:  # noqa: BLE001 - reported below, without the event's values.
+            _internal.error("audit: could not record a %r event (%s)", type, _type_name(exc))
+            return
+        if not self.enabled:
+            return
+        if self._closed:  # after close(), e.g. from another atexit hook: write it now
+            self._write([row])
+            return
+        self._ensure_writer()
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self._count_dropped(1)
+
+    def _event(self, type: str, request_id: str | None, client_id: str | None, sub: str | None,
+               jti: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+        """The scrubbed row, after writing its log line."""
+        now = time.time()
+        redacted: list[str] = []
+        data = _scrub_mapping(fields, "", redacted, top_level=True)
+        columns: dict[str, Any] = {"type": type, "request_id": request_id,
+                                   "client_id": client_id, "sub": sub, "jti": jti}
+        for name, value in columns.items():
+            if value is None:
+                continue
+            value = _clean_string(value if isinstance(value, str) else str(value))
+            if _contains_jwt(value):
+                redacted.append(name)
+                value = None if name != "type" else "redacted"
+            elif len(value) > _COLUMNS[name]:
+                data[name] = value  # the column holds a prefix; query() shows the whole value
+                value = value[:_COLUMNS[name]]
+            columns[name] = value
+        if redacted:
+            data["redacted"] = sorted(set(redacted))
+        if log.isEnabledFor(logging.INFO):
+            log.info(json.dumps({"time": _iso(now), **columns, **data}, separators=(",", ":")))
+        return {"time": now, **columns, "data": data}
+
+    def _ensure_writer(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._start_lock:
+            if self._pid == pid:
+                return
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+            self._pid = pid
+
+    def _count_dropped(self, count: int) -> None:
+        with self._drop_lock:
+            self.dropped += count
+            self._dropped_unreported += count
+            now = time.monotonic()
+            if now - self._last_drop_warning < _DROP_WARNING_INTERVAL:
+                return
+            unreported, self._dropped_unreported = self._dropped_unreported, 0
+            self._last_drop_warning = now
+        _internal.warning("audit store: dropped %d event(s) (queue full or database refusing them; "
+                          "their log lines were written), %d in total", unreported, self.dropped)
+
+    # Flushing -----------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Write every event queued so far, waiting at most ``timeout`` seconds."""
+        if not self.enabled:
+            return
+        if self._writer_alive():
+            marker = _Flush()
+            try:
+                self._queue.put(marker, timeout=timeout)
+            except queue.Full:
+                _internal.warning("audit store: flush timed out with the queue full")
+                return
+            if not marker.done.wait(timeout):
+                _internal.warning("audit store: flush timed out after %.1f s", timeout)
+            return
+        # No writer in this process (none started yet, or closed): write here.
+        batch: list[dict[str, Any]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, dict):
+                batch.append(item)
+            elif isinstance(item, _Flush):
+                item.done.set()
+            if len(batch) >= self.batch_size:
+                self._write(batch)
+                batch = []
+        self._write(batch)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush, then stop the writer thread. Later events are written synchronously."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        if self._writer_alive():
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                return
+            assert self._thread is not None
+            self._thread.join(timeout)
+        self.flush(timeout)  # anything recorded between the two
+
+    def _writer_alive(self) -> bool:
+        return (self._pid == os.getpid() and self._thread is not None
+                and self._thread.is_alive())
+
+    # The writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            batch: list[dict[str, Any]] = []
+            markers: list[_Flush] = []
+            stop = False
+            deadline = time.monotonic() + self.flush_interval
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                if isinstance(item, _Flush):
+                    markers.append(item)
+                    break  # write now: someone is waiting
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = q.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            self._write(batch)
+            for marker in markers:
+                marker.done.set()
+            if stop:
+                return
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` as one batch; retry a failing batch, then row by row, then count the
+        rows the database refused as dropped. Never raises."""
+        if not rows:
+            return
+        for pause in (*_WRITE_RETRIES, None):
+            try:
+                self.storage.add_audit_events(rows)
+                return
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any failure.
+                failure = exc
+            if pause is not None:
+                time.sleep(pause)
+        _internal.error("audit store: a batch of %d events failed (%s); writing them one by one",
+                        len(rows), _type_name(failure))
+        refused = 0
+        for row in rows:
+            try:
+                self.storage.add_audit_events([row])
+            except Exception:  # noqa: BLE001 - counted and reported below.
+                refused += 1
+        if refused:
+            self._count_dropped(refused)
+
+    # Reading ------------------------------------------------------------------------------
+
+    def query(self, since: float | None = None, subject: str | None = None,
+              limit: int = 1000) -> list[dict[str, Any]]:
+        """Stored events at or after ``since`` (seconds since the epoch) whose ``sub`` is
+        ``subject``; the newest ``limit`` of them, newest last. Events still queued are not
+        included: :meth:`flush` first to see them."""
+        events = []
+        for row in self.storage.audit_events(since=since, subject=subject, limit=max(1, limit)):
+            event = {"time": _iso(row["time"]), "type": row["type"],
+                     "request_id": row["request_id"], "client_id": row["client_id"],
+                     "sub": row["sub"], "jti": row["jti"]}
+            event.update(row["data"] or {})
+            events.append(event)
+        return events
+
+
+# Scrubbing ----------------------------------------------------------------------------------
+
+
+def _secret_name(name: str) -> bool:
+    lowered = name.lower()
+    if lowered == "jti" or lowered.endswith(("_jti", "_type", "_type_hint")):
+        return False  # a token's id, or an RFC 8693/7009 token type name: never the token
+    return bool(_SECRET_NAME.search(lowered))
+
+
+def _contains_jwt(text: str) -> bool:
+    for match in _JWT_CANDIDATE.finditer(text):
+        header = match.group(1)
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+        except (ValueError, binascii.Error):
+            continue
+        if isinstance(decoded, dict):
+            return True
+    return False
+
+
+def _clean_string(text: str) -> str:
+    # PostgreSQL refuses NUL characters in text; one such value must not fail a whole batch.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _scrub(value: Any, path: str, redacted: list[str]) -> Any:
+    """A JSON-ready copy of ``value`` without secret-named keys or JWT-bearing strings;
+    ``_DROP`` if ``value`` itself must go."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN
+    if isinstance(value, str):
+        if _contains_jwt(value):
+            redacted.append(path)
+            return _DROP
+        return _clean_string(value)
+    if isinstance(value, dict):
+        return _scrub_mapping(value, path + ".", redacted)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        cleaned = [_scrub(item, f"{path}[]", redacted) for item in items]
+        return [item for item in cleaned if item is not _DROP]
+    return _scrub(str(value), path, redacted)
+
+
+def _scrub_mapping(mapping: dict[Any, Any], prefix: str, redacted: list[str],
+                   top_level: bool = False) -> dict[str, Any]:
+    cleaned: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = _clean_string(str(key))
+        path = prefix + name
+        if _secret_name(name) or (top_level and name in _RESERVED):
+            redacted.append(path)
+            continue
+        value = _scrub(value, path, redacted)
+        if value is not _DROP:
+            cleaned[name] = value
+    return cleaned
+
+
+_DROP = object()
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _type_name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _call(reference: weakref.ref[AuditLog], method: str) -> None:
+    instance = reference()
+    if instance is not None:
+        getattr(instance, method)()
+
+
+__all__ = ["AuditLog"]
