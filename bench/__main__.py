@@ -126,7 +126,12 @@ def _timed(wrk_path: str, script: Path, server: Server, connections: int,
            seconds: int) -> wrk.Slice:
     """One wrk run, with the CPU time the server spent meanwhile."""
     before = server.cpu_seconds()
-    result = wrk.run(wrk_path, script, server.port, connections, seconds)
+    try:
+        result = wrk.run(wrk_path, script, server.port, connections, seconds)
+    except RuntimeError:
+        server.ensure_running()  # a dead server explains itself better than wrk does
+        raise
+    server.ensure_running()
     return replace(result, cpu_s=server.cpu_seconds() - before)
 
 

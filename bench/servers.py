@@ -81,6 +81,12 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} was not ready within {timeout:.0f} s:\n{self.log_tail()}")
 
+    def ensure_running(self) -> None:
+        """Raise, with the end of its log, if the server has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with status {self.process.returncode} "
+                               f"during the bench:\n{self.log_tail()}")
+
     def worker_pids(self) -> list[int]:
         return children(self.pid)
 
