@@ -6,7 +6,8 @@ that does only the work each endpoint inherently needs (form parsing, one HMAC, 
 signatures and verifications), served by the same gunicorn settings and measured in the same
 run, interleaved with the provider's runs so that noise hits both alike.
 
-Modules: :mod:`bench.wrk` (the load generator), :mod:`bench.servers` (processes, RSS),
+Modules: :mod:`bench.wrk` (the load generator), :mod:`bench.servers` (processes, CPU, RSS),
 :mod:`bench.fixtures` (a provider instance with clients and tokens, and the requests sent),
-:mod:`bench.report` (targets, table, ``bench/results/latest.json``), :mod:`bench.__main__`.
+:mod:`bench.baseline_app`, :mod:`bench.noise` (how busy the rest of the machine was),
+:mod:`bench.report` (targets, report, ``bench/results/latest.json``), :mod:`bench.__main__`.
 """
