@@ -53,12 +53,17 @@ import re
 import threading
 import time
 import weakref
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 from provider.storage import Storage
 
 log = logging.getLogger("provider.audit")  # every line one JSON event
+
+# The id of the request being served, set per request, so that code which knows nothing of Flask
+# can record events that carry it.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 # The store's own troubles: not events, so not under "provider.audit".
 _internal = logging.getLogger("provider.audit_store")
 

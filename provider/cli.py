@@ -1,5 +1,9 @@
 """The ``token-provider`` command line (also ``python -m provider``).
 
+Modules that import ``prometheus_client`` (the service, the views, errors, connections) are
+imported inside the commands that need them: ``serve`` must set ``PROMETHEUS_MULTIPROC_DIR``
+before that library is first imported, so that gunicorn's workers share their metrics.
+
 Every command that prints data takes ``--json`` and then prints exactly one JSON document on
 stdout. Secrets are printed once, when created. A bad configuration prints one line,
 ``config error: …``, and exits with status 2; a refused operation prints ``error: …`` and exits
@@ -31,8 +35,6 @@ from provider.clients import (
 )
 from provider.clients import rotate_secret as rotate_client_secret
 from provider.config import ConfigError, Settings
-from provider.connections import OPERATOR, deposit, revoke_connection
-from provider.errors import OAuthError
 from provider.keys import KeyOperationError, add_signing_key, key_states, retire_signing_key
 
 
@@ -127,8 +129,14 @@ def init(as_json: bool) -> None:
 @guarded
 def serve(host: str, port: int, workers: int, role: str | None) -> None:
     """Serve HTTP with gunicorn (sync workers, application loaded before forking)."""
+    import tempfile
+
     from gunicorn.app.base import BaseApplication
 
+    if "prometheus_client" in sys.modules:  # a top-level import crept in: see the module doc
+        raise ConfigError("internal: prometheus_client was imported before serve could configure it")
+    # gunicorn's workers are separate processes: they share metrics through files here.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="provider-metrics-"))
     from provider import create_app
 
     if role:
@@ -146,6 +154,7 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
                 "graceful_timeout": 10,
                 "errorlog": "-",
                 "post_fork": lambda _server, _worker: app.extensions["provider"].after_fork(),
+                "worker_exit": lambda _server, _worker: app.extensions["provider"].audit.close(),
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
@@ -352,6 +361,9 @@ def connections_add(subject: str, upstream: str, access_token_file: str,
                     refresh_token_file: str | None, expires_in: int | None, scope: str | None,
                     as_json: bool) -> None:
     """Deposit an upstream credential read from files (never from the command line)."""
+    from provider.connections import OPERATOR, deposit
+    from provider.errors import OAuthError
+
     if not CLIENT_ID.match(subject):
         raise RegistrationError("a subject is 1 to 255 printable ASCII characters without spaces")
     provider = _provider()
@@ -386,6 +398,8 @@ def connections_list(as_json: bool) -> None:
 @guarded
 def connections_delete(connection_id: str, as_json: bool) -> None:
     """Delete a connection's ciphertext and revoke every token derived from it."""
+    from provider.connections import revoke_connection
+
     provider = _provider()
     if provider.storage.get_connection(connection_id) is None:
         raise RegistrationError(f"no connection {connection_id!r}")
@@ -420,6 +434,8 @@ def revoke(jti: str | None, subject: str | None, client_id: str | None,
         expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway
         revocations.revoke_ids([(value, expires_at)], reason="revoked by operator")
     elif kind == "connection":
+        from provider.connections import revoke_connection
+
         revoke_connection(provider, value, "revoked by operator")
     elif kind == "subject":
         revocations.revoke_subject(value, "revoked by operator")

@@ -103,13 +103,21 @@ class RateLimits:
     """Gateway calls, refused or not, beyond which the token family is suspended."""
     clients: tuple[tuple[str, RateLimit], ...] = ()
     """``[rate_limits.clients]``: client id -> its own ``/token`` limit instead of ``token``."""
+    enabled: bool = True
+    """Turn every limit off (benchmarks only: the limits are the circuit breakers)."""
+
+
+@dataclass(frozen=True)
+class Audit:
+    enabled: bool = True
+    """Store audit events (they are logged either way); off only to measure their cost."""
 
 
 @dataclass(frozen=True)
 class Gateway:
-    connect_timeout: float = 5
+    connect_timeout: float = 5.0
     """Seconds to reach the upstream."""
-    read_timeout: float = 30
+    read_timeout: float = 30.0
     """Seconds for the upstream to answer."""
     max_body_bytes: int = 10485760
     """Largest request body forwarded to an upstream."""
@@ -165,6 +173,7 @@ class Settings:
     rate_limits: RateLimits = RateLimits()
     gateway: Gateway = Gateway()
     alerts: Alerts = Alerts()
+    audit: Audit = Audit()
     upstreams: dict[str, Upstream] = field(default_factory=dict)
 
     @property
@@ -185,6 +194,7 @@ _SECTIONS = {
     "dpop": DPoP,
     "gateway": Gateway,
     "alerts": Alerts,
+    "audit": Audit,
 }
 
 
@@ -305,6 +315,11 @@ def _rate_limits(table: Any) -> RateLimits:
                 (client_id, RateLimit.parse(limit, f"rate_limits.clients.{client_id}"))
                 for client_id, limit in sorted(clients.items())
             )
+            continue
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise ConfigError("rate_limits.enabled must be true or false")
+            values["enabled"] = value
             continue
         if key not in {"token", "introspect", "failed_client_auth", "gateway"}:
             raise ConfigError(f"rate_limits.{key} is not a setting")
@@ -457,7 +472,10 @@ read_timeout = 30               # seconds for the upstream to answer
 max_body_bytes = 10485760
 
 [alerts]
-webhook_url = ""
+webhook_url = ""                # alerts (suspensions) are POSTed here as JSON, never blocking
+
+[audit]
+enabled = true                  # store audit events (token-provider audit); they are logged either way
 
 # One table per upstream, for example:
 # [upstreams.drive]

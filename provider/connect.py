@@ -111,8 +111,9 @@ def authorization_redirect(provider: Provider, upstream_name: str, request_uri: 
     if not request_uri or not request_uri.startswith(REQUEST_URI_PREFIX):
         raise ConnectPageError("request_uri is missing or malformed")
     request_secret = request_uri[len(REQUEST_URI_PREFIX):]
-    row = provider.storage.open_connect_request(sha256_hex(request_secret), time.time())
-    if row is None or row["upstream"] != upstream.name:
+    row = provider.storage.open_connect_request(sha256_hex(request_secret), upstream.name,
+                                                time.time())
+    if row is None:
         raise ConnectPageError("this connect link is unknown, used or expired")
     return _with_query(upstream.authorize_url, {
         "response_type": "code", "client_id": upstream.client_id,
@@ -126,8 +127,9 @@ def callback(provider: Provider, upstream_name: str, args: dict[str, str]) -> st
     """``GET /connect/{upstream}/callback``: the client redirect URI to send the browser to."""
     upstream = upstream_named(provider, upstream_name)
     state = args.get("state")
-    row = provider.storage.complete_connect_request(sha256_hex(state), time.time()) if state else None
-    if row is None or row["upstream"] != upstream.name:
+    row = provider.storage.complete_connect_request(sha256_hex(state), upstream.name,
+                                                    time.time()) if state else None
+    if row is None:
         raise ConnectPageError("this callback is unknown, used or expired")
     reply = {"state": row["client_state"]} if row["client_state"] else {}
     reply["iss"] = provider.settings.issuer
@@ -151,6 +153,8 @@ def callback(provider: Provider, upstream_name: str, args: dict[str, str]) -> st
     connection_id = store_credential(
         provider, subject=row["subject"], upstream=upstream, scope=row["scope"],
         credential=credential_from_token_response(answer), created_by=row["client_id"])
+    provider.event("deposit", client_id=row["client_id"], sub=row["subject"],
+                   upstream=upstream.name, connection_id=connection_id, via="connect")
     code = secrets.token_urlsafe(32)
     provider.storage.add_authorization_code({
         "code_hash": sha256_hex(code), "client_id": row["client_id"],

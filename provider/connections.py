@@ -77,7 +77,7 @@ def store_credential(provider: Provider, *, subject: str, upstream: Upstream, sc
 
 
 def issue_tokens(provider: Provider, client: Client, *, connection_id: str, subject: str,
-                 upstream: str, scope: str, family_id: str | None = None,
+                 upstream: str, scope: str, grant_type: str, family_id: str | None = None,
                  cnf: dict[str, str] | None = None) -> dict[str, Any]:
     """An access and a refresh token for a connection (RFC 6749 §5.1 body)."""
     refresh_token, family = provider.refresh_tokens.start_family(
@@ -85,6 +85,7 @@ def issue_tokens(provider: Provider, client: Client, *, connection_id: str, subj
         audience=[gateway_resource(provider.settings.issuer, upstream)],
         connection_id=connection_id, family_id=family_id)
     token, claims = provider.refresh_tokens.mint_access_token(client, family, scope, cnf)
+    provider.issued(claims, grant_type, connection_id=connection_id, family_id=family.family_id)
     return {"access_token": token, "token_type": "DPoP" if cnf else "Bearer",
             "expires_in": claims["exp"] - claims["iat"], "refresh_token": refresh_token,
             "scope": scope}
@@ -104,7 +105,8 @@ def deposit(provider: Provider, client: Client, request: dict[str, Any]) -> dict
         credential=credential, created_by=client.client_id,
         allowed_ips=request.get("allowed_ips"))
     tokens = issue_tokens(provider, client, connection_id=connection_id,
-                          subject=request["subject"], upstream=upstream.name, scope=scope)
+                          subject=request["subject"], upstream=upstream.name, scope=scope,
+                          grant_type="deposit")
     return {"connection_id": connection_id, **tokens}
 
 
@@ -137,9 +139,8 @@ def visible_to(client: Client, row: dict[str, Any] | None) -> dict[str, Any]:
 def revoke_connection(provider: Provider, connection_id: str, reason: str,
                       delete: bool = True) -> None:
     """Revoke every token derived from the connection and (unless replaced) delete it."""
-    tokens = provider.settings.tokens
-    expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway + 60
-    provider.storage.revoke_refresh_tokens(time.time(), connection_id=connection_id)
+    expires_at = int(time.time()) + provider.revocation_horizon()
     provider.revocations.revoke_ids([(connection_id, expires_at)], reason)
+    provider.storage.revoke_refresh_tokens(time.time(), connection_id=connection_id)
     if delete:
         provider.storage.delete_connection(connection_id)

@@ -12,8 +12,11 @@ import logging
 import secrets
 from typing import ClassVar
 
-from flask import Flask, g, json, request
+from flask import Flask, current_app, g, json, request
 from werkzeug.exceptions import HTTPException
+
+from provider import metrics
+from provider.audit import REQUEST_ID
 
 log = logging.getLogger("provider")
 
@@ -211,9 +214,16 @@ _HTTP_ERRORS: dict[int, type[OAuthError]] = {
 
 
 def render(error: OAuthError):
-    """The one place an error becomes a response."""
-    from flask import current_app
-
+    """The one place an error becomes a response; every refusal is counted and audited."""
+    endpoint = request.endpoint or "unknown"
+    g.outcome = error.error
+    metrics.REFUSALS.labels(endpoint, error.error).inc()
+    if error.status_code == 429:
+        metrics.RATE_LIMIT_HITS.labels(endpoint).inc()
+    provider = current_app.extensions.get("provider")
+    if provider is not None:
+        provider.event("refusal", endpoint=endpoint, error=error.error, status=error.status_code,
+                       client_id=g.get("client_id"))
     response = current_app.response_class(
         json.dumps(error.body()), status=error.status_code, mimetype="application/json"
     )
@@ -226,12 +236,14 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def assign_request_id() -> None:
         g.request_id = secrets.token_hex(8)
+        REQUEST_ID.set(g.request_id)
 
     @app.after_request
     def expose_request_id(response):
         request_id = g.get("request_id")
         if request_id:
             response.headers["X-Request-Id"] = request_id
+        metrics.REQUESTS.labels(request.endpoint or "unknown", g.get("outcome", "ok")).inc()
         return response
 
     @app.errorhandler(OAuthError)

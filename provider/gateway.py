@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from provider import metrics
 from provider.config import Route, Upstream
 from provider.connections import address_allowed, gateway_resource, upstream_named
 from provider.dpop import InvalidDPoPProofAtResource
@@ -64,7 +65,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 DROPPED_REQUEST_HEADERS = HOP_BY_HOP | {
     "authorization", "cookie", "host", "content-length", "dpop", "forwarded", "via",
     "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
-    "x-forwarded-prefix", "x-real-ip", "x-request-id"}
+    "x-forwarded-prefix", "x-real-ip", "x-request-id",
+    # Method overrides: an upstream that honours them would run a method no route allowed.
+    "x-http-method-override", "x-method-override", "x-http-method"}
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"set-cookie", "www-authenticate", "server", "date"}
 CREDENTIAL_CACHE_SECONDS = 60.0
 CONNECTION_CACHE_SECONDS = 5.0
@@ -134,6 +137,8 @@ class Gateway:
         token_audiences = audiences(claims)
         if not any(resource_covers(base, aud) for aud in token_audiences):
             raise InvalidToken("the access token is not for this upstream")
+        connection = self._connection(claims["sub"], upstream.name, claims["lineage"]["ids"])
+        self._count(claims, connection, upstream.name)
 
         path = raw_path or "/"
         url = normalize_resource(base + path)
@@ -145,7 +150,6 @@ class Gateway:
         if not any(resource_covers(aud, url) for aud in token_audiences):
             raise InsufficientScope("the token's resource does not cover this path")
 
-        connection = self._connection(claims["sub"], upstream.name, claims["lineage"]["ids"])
         if connection is None:
             raise InvalidToken("the access token grants no connection to this upstream")
         client = provider.clients.get(claims["client_id"])  # None for operator-minted tokens
@@ -156,6 +160,20 @@ class Gateway:
                         connection["connection_id"])
             raise AccessDenied()
         return Authorized(upstream, route, path, claims, connection["connection_id"])
+
+    def _count(self, claims: dict[str, Any], connection: dict | None, upstream: str) -> None:
+        """The circuit breakers: every call of a token family counts, refused or not; beyond the
+        suspension threshold the family (or the connection) is revoked, with an alert."""
+        ids = claims["lineage"]["ids"]
+        family = ids[0] if ids else claims["jti"]
+        connection_id = connection["connection_id"] if connection else "-"
+        verdict = self.provider.limiter.hit_gateway(family, connection_id, upstream)
+        if verdict.suspend_family:
+            self.provider.suspend("family", family, "suspended: gateway calls over the limit")
+        if verdict.suspend_connection and connection is not None:
+            self.provider.suspend("connection", connection_id, "suspended: gateway calls over the limit")
+        if verdict.refusal is not None:
+            raise verdict.refusal
 
     def _check_sender(self, scheme: str, token: str, claims: dict[str, Any], proofs: list[str],
                       method: str, url: str) -> None:
@@ -213,6 +231,7 @@ class Gateway:
             raise BadGateway("the stored credential cannot be used") from None
         cached = _Cached(row["version"], json.loads(plaintext), time.monotonic())
         self._credentials[connection_id] = cached
+        self.provider.event("decryption", connection_id=connection_id, upstream=upstream.name)
         return cached
 
     def refresh(self, connection_id: str, upstream: Upstream, version: int) -> tuple[int, dict]:
@@ -265,23 +284,26 @@ class Gateway:
         url = call.upstream.base_url + call.path + (f"?{query}" if query else "")
         forwarded = upstream_headers(headers)
         version, credential = self.credential(call.connection_id, call.upstream)
-        response = self._send(method, url, forwarded, credential, body)
+        response = self._send(call.upstream.name, method, url, forwarded, credential, body)
         if response.status == 401 and body_replayable and credential.get("refresh_token"):
             response.drain_conn()
             response.release_conn()
             version, credential = self.refresh(call.connection_id, call.upstream, version)
-            response = self._send(method, url, forwarded, credential, body)
+            response = self._send(call.upstream.name, method, url, forwarded, credential, body)
         if response.status == 401:
             response.drain_conn()
             response.release_conn()
             raise BadGateway("the upstream refused the stored credential")
         return response
 
-    def _send(self, method: str, url: str, headers: dict[str, str], credential: dict[str, Any],
-              body: Any) -> urllib3.BaseHTTPResponse:
+    def _send(self, upstream: str, method: str, url: str, headers: dict[str, str],
+              credential: dict[str, Any], body: Any) -> urllib3.BaseHTTPResponse:
         headers = {**headers, "Authorization": f"Bearer {credential['access_token']}"}
+        started = time.perf_counter()
         try:
-            return self.provider.upstream_http.request(method, url, headers=headers, body=body)
+            response = self.provider.upstream_http.request(method, url, headers=headers, body=body)
+            metrics.GATEWAY_UPSTREAM_SECONDS.labels(upstream).observe(time.perf_counter() - started)
+            return response
         except UpstreamTimeout:
             raise GatewayTimeout() from None
         except UpstreamError as exc:

@@ -294,3 +294,25 @@ class _Guard:
 def _describe(item: RateLimitItem) -> str:
     unit = {1: "second", 60: "minute", 3600: "hour"}[item.get_expiry()]
     return f"{item.amount}/{unit}"
+
+
+class NoLimits:
+    """The limiter when ``rate_limits.enabled = false``: counts nothing, refuses nothing."""
+
+    def after_fork(self) -> None:
+        pass
+
+    def hit_token(self, client_id: str) -> None:
+        pass
+
+    def hit_introspect(self, client_id: str) -> None:
+        pass
+
+    def check_failed_auth(self, address: str, client_id: str | None) -> None:
+        pass
+
+    def record_failed_auth(self, address: str, client_id: str | None) -> None:
+        pass
+
+    def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:
+        return Verdict()

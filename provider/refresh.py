@@ -91,6 +91,13 @@ class RefreshTokens:
             "family_root_ms": family.root_ms, "created_at": now,
             "expires_at": now + self.provider.settings.tokens.refresh_token_ttl,
         })
+        # A reuse racing this request may have revoked the family meanwhile. It writes the log,
+        # then marks the rows: either this check sees the log, or its marking covers the row
+        # just inserted. Either way the successor does not outlive its family.
+        self.provider.revocations.sync(force=True)
+        if self.is_revoked(family) or self.storage.family_has_revoked(family.family_id):
+            self.storage.revoke_refresh_tokens(time.time(), family_id=family.family_id)
+            raise InvalidGrant("refresh_token is invalid")
         return token
 
     def active_family(self, client: Client, token: str) -> Family | None:
@@ -135,10 +142,11 @@ class RefreshTokens:
         return self._add(family), family
 
     def revoke_family(self, family_id: str, reason: str) -> None:
-        tokens = self.provider.settings.tokens
-        self.storage.revoke_refresh_tokens(time.time(), family_id=family_id)
-        expires_at = int(time.time()) + tokens.max_access_token_ttl + tokens.leeway + 60
+        """Revoke the family in the log first (it covers a successor a racing rotation may be
+        inserting right now), then mark its stored tokens."""
+        expires_at = int(time.time()) + self.provider.revocation_horizon()
         self.provider.revocations.revoke_ids([(family_id, expires_at)], reason)
+        self.storage.revoke_refresh_tokens(time.time(), family_id=family_id)
 
     def mint_access_token(self, client: Client, family: Family, scope: str,
                           cnf: dict[str, str] | None = None) -> tuple[str, dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from provider.errors import UnauthorizedClient
@@ -58,6 +59,7 @@ class RevocationList:
         self._synced_at = float("-inf")
         self._purged_at = time.monotonic()
         self._lock = threading.Lock()
+        self.on_revoke: Callable[[str, str, str], None] = lambda kind, value, reason: None
 
     # Reading ------------------------------------------------------------------------------
 
@@ -148,6 +150,8 @@ class RevocationList:
             for value, expires_at in ids
         )
         self.sync(force=True)
+        for value, _ in ids:
+            self.on_revoke("token", value, reason)
 
     def revoke_subject(self, subject: str, reason: str) -> None:
         self._revoke_all("subject", subject, reason)
@@ -163,6 +167,7 @@ class RevocationList:
             "expires_at": int(now) + self.margin, "reason": reason,
         }])
         self.sync(force=True)
+        self.on_revoke(kind, value, reason)
 
 
 def revoke_presented_token(provider: Provider, client: Client, token: str) -> None:

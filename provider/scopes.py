@@ -67,7 +67,8 @@ def normalize_resource(value: str) -> str | None:
             return None
     path = parts.path or "/"
     segments = path.split("/")[1:]
-    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+    # A dot segment with path parameters ("..;x") is a dot segment to servers that strip them.
+    if any(s.split(";", 1)[0] in (".", "..") for s in segments) or "" in segments[:-1]:
         return None
     scheme = parts.scheme.lower()
     host = parts.hostname.lower()

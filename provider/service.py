@@ -7,15 +7,21 @@ Protocol modules take a :class:`Provider` and know nothing of Flask; the views p
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import sqlalchemy as sa
 
+from provider import metrics
+from provider.alerts import Alerts
+from provider.audit import REQUEST_ID, AuditLog
 from provider.clients import ClientRegistry, SecretHasher
 from provider.config import ConfigError, Settings
+from provider.connections import revoke_connection
 from provider.dpop import DPoP
 from provider.gateway import Gateway
 from provider.keys import KeySet
+from provider.ratelimit import Limiter, NoLimits
 from provider.refresh import RefreshTokens
 from provider.replay import ReplayCache
 from provider.revocation import RevocationList
@@ -40,13 +46,52 @@ class Provider:
         self.revocations = RevocationList(
             self.storage,
             interval=settings.revocation_sync_interval,
-            margin=tokens.max_access_token_ttl + tokens.leeway + 60,
+            margin=self.revocation_horizon(),
         )
         self.refresh_tokens = RefreshTokens(self)
         self.vault = Vault.load(settings.keys_dir, settings.role)
         self.upstream_http = UpstreamHTTP(settings.gateway)
         self.gateway = Gateway(self)
         self.dpop = DPoP(self)
+        self.audit = AuditLog(self.storage, enabled=settings.audit.enabled)
+        self.limiter: Limiter | NoLimits = (
+            Limiter(settings, settings.redis_url) if settings.rate_limits.enabled else NoLimits())
+        self.alerts = Alerts(settings.alerts.webhook_url, timeout=2.0)
+        self.revocations.on_revoke = self._revoked
+
+    def revocation_horizon(self) -> int:
+        """How long a revocation of a family, connection, subject or client must be remembered:
+        as long as any refresh token it covers could still be used, plus the access tokens that
+        one could mint. Refresh-token rows are marked revoked too, but a successor inserted by a
+        rotation racing the revocation is caught only by this log entry."""
+        tokens = self.settings.tokens
+        return tokens.refresh_token_ttl + tokens.max_access_token_ttl + tokens.leeway + 60
+
+    def event(self, type: str, **fields: Any) -> None:
+        """One audit event for the request being served (its id comes from the context)."""
+        self.audit.record(type, request_id=REQUEST_ID.get(), **fields)
+
+    def issued(self, claims: dict[str, Any], grant_type: str, **fields: Any) -> None:
+        """Count and audit an issued access token (never the token: its jti)."""
+        metrics.TOKENS_ISSUED.labels(grant_type).inc()
+        self.event("token.issued", grant_type=grant_type, client_id=claims["client_id"],
+                   sub=claims["sub"], jti=claims["jti"], scope=claims["scope"], **fields)
+
+    def _revoked(self, kind: str, value: str, reason: str) -> None:
+        metrics.REVOCATIONS.labels(kind).inc()
+        field = {"token": "jti", "subject": "sub", "client": "client_id"}[kind]
+        self.event("revocation", reason=reason, **{field: value})
+
+    def suspend(self, kind: str, value: str, reason: str) -> None:
+        """A circuit breaker tripped: revoke with a reason, count, audit and alert."""
+        if kind == "connection":
+            revoke_connection(self, value, reason, delete=False)
+        else:
+            self.revocations.revoke_ids([(value, int(time.time()) + self.revocation_horizon())],
+                                        reason)
+        metrics.SUSPENSIONS.labels(kind).inc()
+        self.event("alert", kind=f"{kind} suspended", suspended=value, reason=reason)
+        self.alerts.send(f"{kind} suspended", suspended=value, reason=reason)
 
     def start(self) -> None:
         """Load keys and revocations now, so that a missing ``init`` fails at start-up."""
@@ -71,6 +116,7 @@ class Provider:
         self.storage.dispose()
         if self.redis is not None:
             self.redis.connection_pool.reset()
+        self.limiter.after_fork()
 
 
 def initialize(settings: Settings) -> dict[str, bool]:

@@ -490,29 +490,6 @@ FORWARDING = {"X-Forwarded-For": "10.1.2.3", "Forwarded": "for=10.1.2.3;proto=ht
 HOP_BY_HOP = {"Connection": "X-Secret, Keep-Alive", "X-Secret": "1", "Keep-Alive": "timeout=5",
               "TE": "trailers", "Upgrade": "websocket", "Trailer": "X-Trailer",
               "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0"}
-OVERRIDE_BUG = ("BUG: method-override headers reach the upstream unchanged. A token allowed "
-                "only GET (or POST) can make an upstream that honours X-HTTP-Method-Override / "
-                "X-Method-Override / X-HTTP-Method (Google APIs, Rails, Express "
-                "method-override...) perform a DELETE: provider/gateway.py:64-67 "
-                "DROPPED_REQUEST_HEADERS does not drop them (THREATS.md promise 11)")
-CHUNKED_BUG = ("BUG: a chunked body over gateway.max_body_bytes reaches the upstream before "
-               "the 413: provider/views/gateway.py:65 (_body) streams chunked bodies (_chunks) "
-               "straight into forward(), so the upstream gets the request line, the headers "
-               "and the first chunk before the limit trips mid-send")
-DOT_PARAM_BUG = ("BUG (hardening): the segment '..;' passes as an {id} and is forwarded as "
-                 "/api/files/..; which Tomcat/Jetty-style upstreams resolve to /api/ (path "
-                 "parameters stripped, then '..' applied), outside every declared route: "
-                 "provider/gateway.py:139-140 (normalize_resource) refuses '..' but not '..;' "
-                 "(THREATS.md promise 11)")
-MERGE_SLASHES_BUG = (
-    "BUG (contract): /gateway/drive//files/abc is never refused as ambiguous: Werkzeug's router "
-    "(Map.merge_slashes, on by default) answers 308 with an HTML page and Location "
-    "/gateway/drive/files/abc before the gateway sees it, and Flask returns routing redirects "
-    "without the JSON error handlers (provider/__init__.py create_app keeps merge_slashes)")
-TRACE_BUG = ("BUG (contract): a method outside the view's METHODS list (TRACE) answers Flask's "
-             "405 invalid_request, not the contract's 404 not_found for 'a method and path no "
-             "route declares': provider/views/gateway.py:14 METHODS")
-
 TABLE = [
     # No token, or not a Bearer token: 401 with a bare challenge (RFC 6750 §3.1).
     row("no-authorization-header", lambda c: c.call(None), 401, "invalid_request",
@@ -572,7 +549,7 @@ TABLE = [
     row("undeclared-method-options", lambda c: c.call(c.wide, method="OPTIONS"), 404, "not_found",
         uses="wide"),
     row("undeclared-method-trace", lambda c: c.call(c.wide, method="TRACE"), 404, "not_found",
-        uses="wide", bug=TRACE_BUG),
+        uses="wide"),
     row("undeclared-path", lambda c: c.call(c.wide, "/admin/users"), 404, "not_found", uses="wide"),
     row("no-path", lambda c: c.call(c.wide, ""), 404, "not_found", uses="wide"),
     # Path tricks: refused as ambiguous, or forwarded exactly as authorised.
@@ -591,7 +568,7 @@ TABLE = [
         uses="wide"),
     row("encoded-nul", lambda c: c.call(c.wide, "/files/abc%00"), 404, "not_found", uses="wide"),
     row("leading-double-slash", lambda c: c.call(c.wide, "//files/abc"), 404, "not_found",
-        uses="wide", bug=MERGE_SLASHES_BUG),
+        uses="wide"),
     row("inner-double-slash", lambda c: c.call(c.wide, "/files//abc"), 404, "not_found",
         uses="wide"),
     row("trailing-slash", lambda c: c.call(c.wide, "/files/abc/"), 404, "not_found", uses="wide"),
@@ -612,7 +589,7 @@ TABLE = [
     row("matrix-parameter-is-part-of-the-id", lambda c: c.call(c.wide, "/files/abc;x=1"), 200, None,
         uses="wide", reaches=reached("/files/abc;x=1")),
     row("dot-dot-with-matrix-parameter", lambda c: c.call(c.wide, "/files/..;"), 404, "not_found",
-        uses="wide", bug=DOT_PARAM_BUG),
+        uses="wide"),
     row("query-forwarded-as-sent", lambda c: c.call(c.wide, "/files/abc?q=1&r=two"), 200, None,
         uses="wide", reaches=reached("/files/abc"), check=query_forwarded),
     # Scope and narrowed resource: 403 insufficient_scope.
@@ -649,13 +626,11 @@ TABLE = [
         404, "not_found", uses="read_only"),
     row("x-http-method-override-not-forwarded",
         lambda c: c.call(c.read_only, headers={"X-HTTP-Method-Override": "DELETE"}), 200, None,
-        uses="read_only", reaches=reached("/files/abc"), check=method_not_overridden,
-        bug=OVERRIDE_BUG),
+        uses="read_only", reaches=reached("/files/abc"), check=method_not_overridden),
     row("x-method-override-on-post-not-forwarded",
         lambda c: c.call(c.wide, "/echo", "POST", data=b"x",
                          headers={"X-Method-Override": "DELETE", "X-HTTP-Method": "DELETE"}),
-        200, None, uses="wide", reaches=reached("/echo", "POST"), check=method_not_overridden,
-        bug=OVERRIDE_BUG),
+        200, None, uses="wide", reaches=reached("/echo", "POST"), check=method_not_overridden),
     # Spoofed forwarding headers: never forwarded, never trusted for the caller's address.
     row("forwarding-headers-not-forwarded", lambda c: c.call(c.wide, headers=FORWARDING), 200, None,
         uses="wide", reaches=reached("/files/abc"), check=headers_absent(*FORWARDING)),
@@ -690,7 +665,7 @@ TABLE = [
         lambda c: c.call(c.wide, "/echo", "POST", data=b"x" * (64 * MAX_BODY)), 413,
         "invalid_request", uses="wide"),
     row("body-over-limit-chunked", lambda c: c.chunked(c.wide, b"x" * (4 * MAX_BODY)), 413,
-        "invalid_request", uses="wide", bug=CHUNKED_BUG),
+        "invalid_request", uses="wide"),
     row("body-at-limit-control", lambda c: c.call(c.wide, "/echo", "POST", data=b"y" * MAX_BODY),
         200, None, uses="wide", reaches=reached("/echo", "POST"), check=echoes(b"y" * MAX_BODY)),
     row("chunked-body-under-limit-control", lambda c: c.chunked(c.wide, b"z" * 512), 200, None,
@@ -754,11 +729,6 @@ def test_gateway_answers_a_hostile_call_exactly_and_safely(world: World, case: C
         case.check(ctx, response, forwarded)
 
 
-@pytest.mark.xfail(strict=True, raises=config.ConfigError, reason=(
-    "BUG: [gateway] connect_timeout and read_timeout are seconds validated between 0.1 and "
-    "120/600, but a fractional value is refused ('gateway.read_timeout must be an integer'): "
-    "provider/config.py _section takes the expected type from the default's value (5, 30: "
-    "int) instead of the field's declared float: provider/config.py:284"))
 def test_gateway_timeouts_accept_fractional_seconds(tmp_path: Path) -> None:
     settings = config.load(str(tmp_path / "absent.toml"), environ={},
                            overrides={"gateway": {"read_timeout": 0.5, "connect_timeout": 0.5}})

@@ -76,7 +76,10 @@ class Grant:
             narrowed.append(normalized)
         return list(dict.fromkeys(narrowed))
 
-    def response(self, token: str, claims: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def response(self, token: str, claims: dict[str, Any], audit: dict[str, Any] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+        """The RFC 6749 §5.1 body; the issuance is counted and audited (``audit``: more fields)."""
+        self.provider.issued(claims, self.GRANT_TYPE, **(audit or {}))
         return {
             "access_token": token,
             "token_type": self.token_type,

@@ -42,4 +42,5 @@ class AuthorizationCodeGrant(Grant):
             raise InvalidGrant("code is invalid")
         return issue_tokens(self.provider, client, connection_id=row["connection_id"],
                             subject=row["subject"], upstream=row["upstream"], scope=row["scope"],
+                            grant_type=self.GRANT_TYPE,
                             family_id=row["family_id"], cnf=self.cnf)

@@ -23,4 +23,5 @@ class RefreshTokenGrant(Grant):
         refresh_token, family = refresh_tokens.rotate(client, request["refresh_token"])
         token, claims = refresh_tokens.mint_access_token(client, family, scope or family.scope,
                                                          self.cnf)
-        return self.response(token, claims, refresh_token=refresh_token)
+        return self.response(token, claims, audit={"family_id": family.family_id},
+                             refresh_token=refresh_token)

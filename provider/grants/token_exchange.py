@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from provider import metrics
 from provider.clients import Client
 from provider.errors import InvalidRequest
 from provider.grants import Grant
@@ -89,7 +90,9 @@ class TokenExchangeGrant(Grant):
             may_act={"sub": client.may_act} if client.may_act else None,
             cnf=self.cnf,
         )
-        return self.response(token, claims, issued_token_type=issued_type)
+        metrics.TOKENS_EXCHANGED.inc()
+        return self.response(token, claims, issued_token_type=issued_type, audit={
+            "subject_jti": subject["jti"], "actor_jti": actor["jti"] if actor else None})
 
     # Steps --------------------------------------------------------------------------------
 

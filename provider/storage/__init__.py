@@ -183,10 +183,12 @@ class Storage:
     # Single-use rows ----------------------------------------------------------------------
 
     def _claim(self, table: sa.Table, key: sa.Column, value: str, column: str, now: float,
-               live_until: sa.Column | None = None) -> dict[str, Any] | None:
-        """Set ``column`` to ``now`` on the row if it was unset (and the row has not expired);
-        the row if this call was the one that set it, else None. Atomic across processes."""
-        condition = [key == value, table.c[column].is_(None)]
+               live_until: sa.Column | None = None, **match: str) -> dict[str, Any] | None:
+        """Set ``column`` to ``now`` on the row if it was unset (and the row has not expired, and
+        its columns equal ``match``); the row if this call was the one that set it, else None.
+        Atomic across processes."""
+        condition = [key == value, table.c[column].is_(None),
+                     *(table.c[name] == wanted for name, wanted in match.items())]
         if live_until is not None:
             condition.append(live_until > now)
         with self.transaction() as connection:
@@ -294,6 +296,13 @@ class Storage:
         table = schema.refresh_tokens
         return self._claim(table, table.c.token_hash, token_hash, "used_at", now)
 
+    def family_has_revoked(self, family_id: str) -> bool:
+        table = schema.refresh_tokens
+        query = sa.select(table.c.token_hash).where(
+            table.c.family_id == family_id, table.c.revoked_at.is_not(None)).limit(1)
+        with self.engine.connect() as connection:
+            return connection.execute(query).first() is not None
+
     def revoke_refresh_tokens(self, now: float, **where: str) -> list[str]:
         """Revoke every live refresh token matching ``where`` (family_id, subject, client_id or
         connection_id); returns the families touched."""
@@ -312,15 +321,16 @@ class Storage:
         with self.transaction() as connection:
             connection.execute(sa.insert(schema.connect_requests).values(**values))
 
-    def open_connect_request(self, request_id: str, now: float) -> dict[str, Any] | None:
+    def open_connect_request(self, request_id: str, upstream: str, now: float) -> dict[str, Any] | None:
         table = schema.connect_requests
         return self._claim(table, table.c.request_id, request_id, "opened_at", now,
-                           live_until=table.c.expires_at)
+                           live_until=table.c.expires_at, upstream=upstream)
 
-    def complete_connect_request(self, upstream_state: str, now: float) -> dict[str, Any] | None:
+    def complete_connect_request(self, upstream_state: str, upstream: str,
+                                 now: float) -> dict[str, Any] | None:
         table = schema.connect_requests
         return self._claim(table, table.c.upstream_state, upstream_state, "completed_at", now,
-                           live_until=table.c.expires_at)
+                           live_until=table.c.expires_at, upstream=upstream)
 
     def add_authorization_code(self, values: dict[str, Any]) -> None:
         with self.transaction() as connection:

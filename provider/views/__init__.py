@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, current_app, json
+from flask import Flask, current_app, g, json, request
 
+from provider.client_auth import authenticate, claimed_client_id
+from provider.clients import Client
+from provider.errors import InvalidClient
 from provider.service import Provider
 
 
@@ -23,8 +26,26 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
     return response
 
 
-def register(app: Flask) -> None:
-    from provider.views import connect, connections, gateway, health, oauth, wellknown
+def authenticated_client(credentials: dict[str, Any]) -> Client:
+    """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker:
+    an address (or a client id from one address) that failed too often is refused before its
+    credentials are even looked at, and every failure counts."""
+    p = provider()
+    address = request.remote_addr or "-"
+    claimed = claimed_client_id(credentials, request.headers.get("Authorization"))
+    p.limiter.check_failed_auth(address, claimed)
+    try:
+        client = authenticate(p, credentials, request.headers.get("Authorization"),
+                              request.remote_addr, request.base_url)
+    except InvalidClient:
+        p.limiter.record_failed_auth(address, claimed)
+        raise
+    g.client_id = client.client_id
+    return client
 
-    for module in (oauth, connections, connect, gateway, wellknown, health):
+
+def register(app: Flask) -> None:
+    from provider.views import connect, connections, gateway, health, metrics, oauth, wellknown
+
+    for module in (oauth, connections, connect, gateway, wellknown, health, metrics):
         app.register_blueprint(module.bp)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, redirect, request
 
 from provider import connect
-from provider.client_auth import authenticate
 from provider.schemas import ConnectRequest, load
-from provider.views import json_response, provider
+from provider.views import authenticated_client, json_response, provider
 from provider.views.forms import read_form
 
 bp = Blueprint("connect", __name__)
@@ -17,8 +16,7 @@ _start = ConnectRequest()
 @bp.post("/connect/<upstream>")
 def start(upstream: str):
     form = read_form()
-    client = authenticate(provider(), form, request.headers.get("Authorization"),
-                          request.remote_addr, request.base_url)
+    client = authenticated_client(form)
     return json_response(connect.start(provider(), client, upstream, load(_start, form)), 201)
 
 

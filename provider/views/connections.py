@@ -7,11 +7,10 @@ from typing import Any
 from flask import Blueprint, request
 
 from provider import connections
-from provider.client_auth import authenticate
 from provider.clients import Client
 from provider.errors import Forbidden, InvalidRequest
 from provider.schemas import DepositRequest, load
-from provider.views import json_response, provider
+from provider.views import authenticated_client, json_response, provider
 
 bp = Blueprint("connections", __name__)
 _deposit = DepositRequest()
@@ -33,8 +32,7 @@ def _connections_client(body: dict[str, Any] | None = None) -> Client:
     credentials = {k: v for k, v in (body or {}).items() if k in _CREDENTIAL_FIELDS}
     if any(not isinstance(v, str) for v in credentials.values()):
         raise InvalidRequest("client credentials must be strings")
-    client = authenticate(provider(), credentials, request.headers.get("Authorization"),
-                          request.remote_addr, request.base_url)
+    client = authenticated_client(credentials)
     if not client.can_manage_connections:
         raise Forbidden("this client may not manage connections")
     return client
@@ -45,7 +43,10 @@ def deposit():
     body = _json_body()
     client = _connections_client(body)
     params = load(_deposit, {k: v for k, v in body.items() if k not in _CREDENTIAL_FIELDS})
-    return json_response(connections.deposit(provider(), client, params), 201)
+    answer = connections.deposit(provider(), client, params)
+    provider().event("deposit", client_id=client.client_id, sub=params["subject"],
+                     upstream=params["upstream"], connection_id=answer["connection_id"])
+    return json_response(answer, 201)
 
 
 @bp.get("/connections/<connection_id>")

@@ -11,7 +11,8 @@ from provider.gateway import downstream_headers
 from provider.views import provider
 
 bp = Blueprint("gateway", __name__)
-METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Every method a route could name, and the rest of RFC 9110's: an undeclared one is 404.
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 CHUNK = 65536
 
 
@@ -29,10 +30,17 @@ def forward(upstream: str, path: str):
         headers=list(request.headers.items()), body=body, body_replayable=replayable)
 
     def stream():
+        sent = 0
         try:
-            yield from answer.stream(CHUNK, decode_content=False)
+            for chunk in answer.stream(CHUNK, decode_content=False):
+                sent += len(chunk)
+                yield chunk
         finally:
             answer.release_conn()
+            provider().event("gateway.call", client_id=call.claims["client_id"],
+                             sub=call.claims["sub"], jti=call.claims["jti"], method=request.method,
+                             upstream=call.upstream.name, route=call.route.path,
+                             status=answer.status, bytes=sent)
 
     return current_app.response_class(stream_with_context(stream()), status=answer.status,
                                       headers=downstream_headers(answer.headers),
@@ -50,25 +58,29 @@ def _raw_path(upstream: str) -> str:
 
 def _body() -> tuple[Any, bool]:
     """The request body, bounded by ``gateway.max_body_bytes`` (not the token endpoints' much
-    smaller bound); bodies up to 1 MiB are read so that a call can be retried after a refresh,
-    larger or chunked ones stream."""
+    smaller bound), and whether it can be sent twice (after a refresh).
+
+    A body with a Content-Length over the bound is refused before a byte is read; up to 1 MiB is
+    read (so that a retry is possible), more streams. A chunked body announces no length, so it
+    is read up to the bound first: nothing reaches the upstream unless the whole body fits.
+    """
     limit = provider().settings.gateway.max_body_bytes
-    request.max_content_length = limit
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge()
-    chunked = request.headers.get("Transfer-Encoding", "").lower() == "chunked"
-    if not length and not chunked:
-        return None, True
-    if length is not None and length <= CHUNK * 16:
-        return request.stream.read(length), True
-    return _chunks(request.stream, limit), False
-
-
-def _chunks(stream: Any, limit: int):
-    sent = 0
-    while chunk := stream.read(CHUNK):
-        sent += len(chunk)
-        if sent > limit:
+    if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        body = request.environ["wsgi.input"].read(limit + 1)
+        if len(body) > limit:
             raise RequestTooLarge()
+        return body, True
+    if not length:
+        return None, True
+    request.max_content_length = limit
+    if length <= CHUNK * 16:
+        return request.stream.read(length), True
+    return _chunks(request.stream), False
+
+
+def _chunks(stream: Any):
+    while chunk := stream.read(CHUNK):
         yield chunk

@@ -5,29 +5,23 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from provider import grants
-from provider.client_auth import authenticate
-from provider.clients import Client
 from provider.dpop import InvalidDPoPProof
 from provider.errors import Forbidden
 from provider.introspection import introspect
 from provider.revocation import revoke_presented_token
 from provider.schemas import TokenRequest, load
-from provider.views import json_response, provider
+from provider.views import authenticated_client, json_response, provider
 from provider.views.forms import read_form
 
 bp = Blueprint("oauth", __name__)
 _token_request = TokenRequest()
 
 
-def _authenticated(form: dict) -> Client:
-    return authenticate(provider(), form, request.headers.get("Authorization"),
-                        request.remote_addr, request.base_url)
-
-
 @bp.post("/token")
 def token():
     form = read_form()
-    client = _authenticated(form)
+    client = authenticated_client(form)
+    provider().limiter.hit_token(client.client_id)
     jkt = None
     if "DPoP" in request.headers:
         jkt = provider().dpop.verify(request.headers.getlist("DPoP"), method="POST",
@@ -40,17 +34,21 @@ def token():
 @bp.post("/introspect")
 def introspection():
     form = read_form()
-    client = _authenticated(form)
+    client = authenticated_client(form)
     if not client.can_introspect:
         raise Forbidden("this client may not introspect tokens")
+    provider().limiter.hit_introspect(client.client_id)
     params = load(_token_request, form)
-    return json_response(introspect(provider(), params["token"]))
+    answer = introspect(provider(), params["token"])
+    provider().event("introspection", client_id=client.client_id, active=answer["active"],
+                     jti=answer.get("jti"), sub=answer.get("sub"))
+    return json_response(answer)
 
 
 @bp.post("/revoke")
 def revocation():
     form = read_form()
-    client = _authenticated(form)
+    client = authenticated_client(form)
     params = load(_token_request, form)
     revoke_presented_token(provider(), client, params["token"])
     return json_response({})
