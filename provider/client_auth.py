@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
@@ -48,9 +49,12 @@ def authenticate(
     form: dict[str, Any],
     authorization: str | None,
     remote_addr: str | None,
-    endpoint: str,
+    endpoint: Callable[[], str],
 ) -> Client:
-    """The authenticated client; raises ``invalid_client`` (or ``invalid_request``)."""
+    """The authenticated client; raises ``invalid_client`` (or ``invalid_request``).
+
+    ``endpoint`` gives the URL called, one of the audiences a client assertion may name; it is
+    only computed for an assertion."""
     basic = authorization is not None
     post = "client_secret" in form
     assertion = "client_assertion" in form or "client_assertion_type" in form
@@ -111,7 +115,7 @@ def _from_allowed_address(client: Client, remote_addr: str | None) -> Client:
 
 
 def _authenticate_assertion(
-    provider: Provider, form: dict[str, Any], remote_addr: str | None, endpoint: str
+    provider: Provider, form: dict[str, Any], remote_addr: str | None, endpoint: Callable[[], str]
 ) -> Client:
     if form.get("client_assertion_type") != ASSERTION_TYPE:
         raise InvalidRequest(f"client_assertion_type must be {ASSERTION_TYPE}")
@@ -142,7 +146,7 @@ def _authenticate_assertion(
             assertion,
             key.key,
             algorithms=[header["alg"]],
-            audience=[settings.issuer, settings.token_endpoint, endpoint],
+            audience=[settings.issuer, settings.token_endpoint, endpoint()],
             issuer=client_id,
             leeway=settings.tokens.leeway,
             options={"require": ["iss", "sub", "aud", "exp", "jti"]},

@@ -9,6 +9,7 @@ empty segments, encoded slashes, backslashes, encoded dots, queries and fragment
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import urlsplit
 
@@ -40,6 +41,7 @@ def is_subset(requested: tuple[str, ...], granted: tuple[str, ...] | str) -> boo
     return set(requested) <= set(granted)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_resource(value: str) -> str | None:
     """The canonical form of an absolute http(s) resource URI, or None if it is refused.
 

@@ -36,7 +36,7 @@ def authenticated_client(credentials: dict[str, Any]) -> Client:
     p.limiter.check_failed_auth(address, claimed)
     try:
         client = authenticate(p, credentials, request.headers.get("Authorization"),
-                              request.remote_addr, request.base_url)
+                              request.remote_addr, lambda: request.base_url)
     except InvalidClient:
         p.limiter.record_failed_auth(address, claimed)
         raise
