@@ -142,6 +142,9 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
     if role:
         os.environ["PROVIDER_ROLE"] = role
     app = create_app()  # Fails here, with its one line, on bad configuration.
+    if workers > 1 and not app.extensions["settings"].redis_url:
+        click.echo(f"warning: {workers} workers without PROVIDER_REDIS_URL: rate limits count per "
+                   "worker process (set PROVIDER_REDIS_URL to share them)", err=True)
 
     class Server(BaseApplication):
         def load_config(self) -> None:

@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def free_port() -> int:
@@ -20,19 +22,28 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(env: dict[str, str], *args: str, workers: int = 1) -> Iterator[str]:
-    """Start ``token-provider serve`` with ``env``; yields its base URL; stops it afterwards."""
+def serving(env: dict[str, str], *args: str, workers: int = 1,
+            capture_stderr: bool = False) -> Iterator[Any]:
+    """Start ``token-provider serve`` with ``env``; yields its base URL (and, with
+    ``capture_stderr``, a function returning what it wrote to stderr once it has stopped);
+    stops it afterwards. Its stderr goes to a file, never a pipe nobody drains."""
     port = free_port()
     command = [sys.executable, "-m", "provider", "serve", "--port", str(port),
                "--workers", str(workers), *args]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
+
+    def written() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {written()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/healthz", timeout=1):
                     break
@@ -40,11 +51,34 @@ def serving(env: dict[str, str], *args: str, workers: int = 1) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        yield url
+        yield (url, written) if capture_stderr else url
     finally:
         try:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(process.pid, signal.SIGKILL)
-        process.stderr.close()
+        log.close()
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[tuple[str, int]]:
+    """A private, throw-away redis-server on loopback (for tests that stop it)."""
+    port = port or free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", port
+    finally:
+        process.terminate()
+        process.wait(10)
