@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import secrets
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from provider.config import ConfigError, parse_networks
+from provider.config import ConfigError, address_in, parse_networks
 from provider.scopes import parse_scope
 from provider.storage import Storage
 
@@ -131,13 +130,7 @@ class Client:
         )
 
     def allows_address(self, address: str | None) -> bool:
-        if not self.allowed_ips:
-            return True
-        try:
-            ip = ipaddress.ip_address(address or "")
-        except ValueError:
-            return False
-        return any(ip in network for network in self.allowed_ips)
+        return address_in(self.allowed_ips, address)
 
     def describe(self) -> dict[str, Any]:
         """What ``clients show`` prints: everything but the secret hash and keys."""

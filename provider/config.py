@@ -423,6 +423,18 @@ def _validate(s: Settings) -> None:
         _http_url(s.alerts.webhook_url, "alerts.webhook_url")
 
 
+def address_in(networks: tuple[Any, ...], address: str | None) -> bool:
+    """True when no ranges are set, or ``address`` lies in one of them (an unparsable address
+    lies in none)."""
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 def parse_networks(values: list[str] | tuple[str, ...]) -> tuple[
         ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Parse CIDR ranges such as ``10.0.0.0/8``; a bare address is a one-address range."""

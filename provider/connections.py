@@ -8,12 +8,11 @@ resource, ``{issuer}/gateway/{upstream}``, which exchanges narrow with ``resourc
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from provider.config import ConfigError, Upstream, parse_networks
+from provider.config import ConfigError, Upstream, address_in, parse_networks
 from provider.errors import InvalidRequest, InvalidScope, NotFound
 from provider.tokens import new_id
 
@@ -111,14 +110,8 @@ def deposit(provider: Provider, client: Client, request: dict[str, Any]) -> dict
 
 
 def address_allowed(networks: list[str], address: str | None) -> bool:
-    """True when no ranges are set, or ``address`` lies in one of them."""
-    if not networks:
-        return True
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return False
-    return any(ip in network for network in parse_networks(networks))
+    """True when the connection has no ranges, or ``address`` lies in one of them."""
+    return address_in(parse_networks(networks), address)
 
 
 def describe(row: dict[str, Any]) -> dict[str, Any]:

@@ -155,9 +155,10 @@ class Gateway:
         client = provider.clients.get(claims["client_id"])  # None for operator-minted tokens
         if (client is not None and not client.allows_address(remote_addr)) \
                 or not address_allowed(connection["allowed_ips"], remote_addr):
-            log.warning("gateway call refused: caller %s outside the allowed ranges of client %s "
-                        "or connection %s", remote_addr, claims["client_id"],
-                        connection["connection_id"])
+            # The reason goes to the audit trail, never to the caller.
+            provider.event("gateway.address_refused", client_id=claims["client_id"],
+                           sub=claims["sub"], jti=claims["jti"], address=remote_addr,
+                           connection_id=connection["connection_id"])
             raise AccessDenied()
         return Authorized(upstream, route, path, claims, connection["connection_id"])
 

@@ -158,12 +158,13 @@ class Storage:
             return [dict(r) for r in connection.execute(query).mappings()]
 
     def purge_expired(self, now: int | None = None) -> None:
+        """Delete rows that can no longer matter: expired revocations, single-use ids, connect
+        requests and codes, and refresh tokens past their expiry."""
         now = int(time.time()) if now is None else now
         with self.transaction() as connection:
-            connection.execute(sa.delete(schema.revocations).where(
-                schema.revocations.c.expires_at < now))
-            connection.execute(sa.delete(schema.used_assertions).where(
-                schema.used_assertions.c.expires_at < now))
+            for table in (schema.revocations, schema.used_assertions, schema.connect_requests,
+                          schema.authorization_codes, schema.refresh_tokens):
+                connection.execute(sa.delete(table).where(table.c.expires_at < now))
 
     # Single-use assertion ids -------------------------------------------------------------
 
