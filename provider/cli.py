@@ -358,11 +358,13 @@ def _read_secret_file(path: str | None) -> str | None:
 @click.option("--refresh-token-file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--expires-in", type=click.IntRange(1, 31536000))
 @click.option("--scope", help="Internal scopes, space-separated (default: all the upstream's).")
+@click.option("--allow-ip", "allowed_ips", multiple=True,
+              help="CIDR range the gateway accepts calls for this connection from.")
 @json_option
 @guarded
 def connections_add(subject: str, upstream: str, access_token_file: str,
                     refresh_token_file: str | None, expires_in: int | None, scope: str | None,
-                    as_json: bool) -> None:
+                    allowed_ips: tuple[str, ...], as_json: bool) -> None:
     """Deposit an upstream credential read from files (never from the command line)."""
     from provider.connections import OPERATOR, deposit
     from provider.errors import OAuthError
@@ -375,7 +377,7 @@ def connections_add(subject: str, upstream: str, access_token_file: str,
     request = {"subject": subject, "upstream": upstream,
                "access_token": _read_secret_file(access_token_file),
                "refresh_token": _read_secret_file(refresh_token_file),
-               "expires_in": expires_in, "scope": scope}
+               "expires_in": expires_in, "scope": scope, "allowed_ips": list(allowed_ips)}
     try:
         answer = deposit(provider, operator, request)
     except OAuthError as exc:

@@ -247,6 +247,19 @@ def test_revoking_or_deleting_a_connection_revokes_its_tokens(with_upstream, tmp
         application.extensions["provider"].storage.engine.dispose()
 
 
+def test_connections_add_keeps_the_allowlist(with_upstream, tmp_path):
+    secret_file = tmp_path / "t"
+    secret_file.write_text("x")
+    run("connections", "add", "--subject", "a", "--upstream", "drive", "--access-token-file",
+        str(secret_file), "--allow-ip", "10.0.0.0/8")
+    application = create_app()
+    try:
+        (row,) = application.extensions["provider"].storage.list_connections()
+        assert row["allowed_ips"] == ["10.0.0.0/8"]
+    finally:
+        application.extensions["provider"].storage.engine.dispose()
+
+
 def test_connections_add_for_an_unknown_upstream_is_refused(with_upstream, tmp_path):
     secret_file = tmp_path / "t"
     secret_file.write_text("x")
