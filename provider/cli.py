@@ -156,6 +156,9 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
                 "timeout": 60,
                 "graceful_timeout": 10,
                 "errorlog": "-",
+                # gunicorn's control socket is one per user by default: a second server would
+                # take it over from the first. `serve` needs none.
+                "control_socket_disable": True,
                 "post_fork": lambda _server, _worker: app.extensions["provider"].after_fork(),
                 "worker_exit": lambda _server, _worker: app.extensions["provider"].audit.close(),
             }
