@@ -163,7 +163,8 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
                 "worker_exit": lambda _server, _worker: app.extensions["provider"].audit.close(),
             }
             for key, value in settings.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings:  # control_socket_disable is new in gunicorn 23+
+                    self.cfg.set(key, value)
 
         def load(self):
             return app
