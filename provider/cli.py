@@ -163,7 +163,7 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
                 "worker_exit": lambda _server, _worker: app.extensions["provider"].audit.close(),
             }
             for key, value in settings.items():
-                if key in self.cfg.settings:  # control_socket_disable is new in gunicorn 23+
+                if key in self.cfg.settings:  # older gunicorns have no control socket settings
                     self.cfg.set(key, value)
 
         def load(self):
