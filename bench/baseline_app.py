@@ -8,11 +8,14 @@ public key). Per request:
 - ``POST /token``, ``client_credentials``: parse the form, check the Basic secret (HMAC-SHA256,
   ``hmac.compare_digest``), one ES256 signature, JSON;
 - ``POST /token``, token exchange: the same plus one ES256 verification of ``subject_token``;
-- ``POST /introspect``: parse, check the secret, one ES256 verification, the claims as JSON.
+- ``POST /introspect``: parse, check the secret, one ES256 verification, the claims as JSON;
+- ``GET /gateway/{upstream}/{path}``: parse the Bearer header, one ES256 verification, call the
+  upstream (``bench.upstream_app``) with the upstream token over a pooled urllib3 connection,
+  return its body.
 
 Its settings come from the JSON file named by ``BENCH_BASELINE_CONFIG``:
-``{"issuer": ..., "clients": {client_id: secret}, "verify_jwk": {public JWK}}``. Its signing key
-is generated at start-up.
+``{"issuer": ..., "clients": {client_id: secret}, "verify_jwk": {public JWK},
+"upstream": {"base_url": ..., "token": ...} or null}``. Its signing key is generated at start-up.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import jwt
+import urllib3
 from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask, jsonify, request
 from jwt.algorithms import ECAlgorithm
@@ -45,6 +49,8 @@ _SECRET_HASHES = {client_id: hmac.new(_HASH_KEY, secret.encode(), hashlib.sha256
 _VERIFY_KEY = ECAlgorithm.from_jwk(_config["verify_jwk"])
 _SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
 _SIGNING_KID = "baseline"
+_UPSTREAM: dict[str, str] | None = _config.get("upstream")
+_pools: dict[int, urllib3.PoolManager] = {}  # per process: made after gunicorn forks
 
 app = Flask(__name__)
 
@@ -118,6 +124,25 @@ def introspect():
     if claims is None:
         return jsonify({"active": False})
     return jsonify({"active": True, **claims})
+
+
+def _pool() -> urllib3.PoolManager:
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools[pid] = urllib3.PoolManager(maxsize=8, retries=False,
+                                          timeout=urllib3.Timeout(connect=5, read=30))
+    return _pools[pid]
+
+
+@app.get("/gateway/<upstream>/<path:path>")
+def gateway(upstream: str, path: str):
+    scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or _UPSTREAM is None or _verify(token.strip()) is None:
+        return _error(401, "invalid_token")
+    answer = _pool().request("GET", f"{_UPSTREAM['base_url']}/{path}",
+                             headers={"Authorization": f"Bearer {_UPSTREAM['token']}"})
+    return app.response_class(answer.data, status=answer.status,
+                              content_type=answer.headers.get("Content-Type"))
 
 
 @app.get("/healthz")

@@ -63,3 +63,12 @@ class CpuMeter:
         if capacity > 0:
             self.noise = Noise(elapsed, max(0.0, (busy_now - busy - ours) / capacity),
                                (steal_now - steal) / capacity)
+
+
+def combined(parts: list[Noise]) -> Noise:
+    """Several metered spans as one: their shares weighted by how long each lasted."""
+    elapsed = sum(p.elapsed_s for p in parts)
+    if elapsed <= 0:
+        return Noise()
+    return Noise(elapsed, sum(p.other_share * p.elapsed_s for p in parts) / elapsed,
+                 sum(p.steal_share * p.elapsed_s for p in parts) / elapsed)

@@ -1,8 +1,9 @@
 """Server processes: started in their own process group, stopped whole, sampled for memory.
 
-Both the provider and the baseline run under gunicorn with the provider's production settings:
-sync workers, two of them, the application loaded in the master before forking. The master is
-the process started here; its children are the workers whose peak RSS is reported.
+The provider and the baseline run under gunicorn with the provider's production settings:
+sync workers, two of them (one for the single-worker instances), the application loaded in the
+master before forking; the gateway's upstream runs under gunicorn too. The master is the process
+started here; its children are the workers whose peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ class RssSampler:
         self._thread.start()
         return self
 
+    def add(self, server: Server) -> None:
+        """Sample ``server`` too from now on."""
+        with self._lock:
+            self.servers.append(server)
+            self.peaks.setdefault(server.name, {})
+
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
@@ -198,7 +205,9 @@ class RssSampler:
             self.sample()
 
     def sample(self) -> None:
-        for server in self.servers:
+        with self._lock:
+            servers = list(self.servers)
+        for server in servers:
             if server.process is None:
                 continue
             for pid in server.worker_pids():
@@ -214,12 +223,24 @@ class RssSampler:
             return {pid: kib / 1024 for pid, kib in sorted(self.peaks[name].items())}
 
 
-def post_form(port: int, path: str, body: str, authorization: str) -> tuple[int, dict]:
+def get(port: int, path: str, authorization: str) -> tuple[int, bytes]:
+    """One GET to 127.0.0.1; the status and the body."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": authorization})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def post_form(port: int, path: str, body: str, authorization: str,
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
     """One POST to 127.0.0.1 with a form body; the status and the decoded JSON answer."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", data=body.encode("ascii"), method="POST",
         headers={"Content-Type": "application/x-www-form-urlencoded",
-                 "Authorization": authorization})
+                 "Authorization": authorization, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())

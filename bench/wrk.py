@@ -1,9 +1,14 @@
 """The load generator: wrk (Debian's package), driven by Lua scripts written to a temp dir.
 
-Each script sends one fixed POST form body (or, for the warm-up, a round-robin of several) with
-its ``Authorization: Basic`` header, and its ``done()`` callback prints one JSON line with the
-exact figures wrk aggregated over its threads (microseconds), so nothing is parsed from wrk's
-human-readable output.
+Each script sends one fixed request (or, for the warm-up, a round-robin of several): a POST form
+body with its ``Authorization: Basic`` header, or a GET with a ``Bearer`` token (the gateway).
+Its ``done()`` callback prints one JSON line with the exact figures wrk aggregated over its
+threads (microseconds), so nothing is parsed from wrk's human-readable output.
+
+Lua cannot sign ES256, so a request that needs a fresh DPoP proof each time takes it from a file
+of proofs generated beforehand (:mod:`bench.dpop`): each wrk thread uses its own share of the
+lines, each line at most once, and ``done()`` reports how many were used and whether any thread
+ran out (it then stops, and the run is reported as invalid rather than replaying proofs).
 """
 
 from __future__ import annotations
@@ -31,21 +36,70 @@ done = function(summary, latency, requests)
   end
   io.write(string.format(
     '%s{"requests":%d,"duration_us":%d,"socket_errors":%d,"status_errors":%d,' ..
-    '"p50_us":%d,"p99_us":%d,"histogram":[%s]}\\n',
+    '"p50_us":%d,"p99_us":%d,"histogram":[%s]',
     "RESULT_MARKER", summary.requests, summary.duration,
     e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99), table.concat(buckets, ",")))
+    latency:percentile(50), latency:percentile(99), table.concat(buckets, ","))
+    .. proofs_report() .. "}\\n")
 end
 """.replace("RESULT_MARKER", RESULT_MARKER)
 
 
+# Every thread's Lua state: its index among the threads (set by ``setup``, which runs in the main
+# state, before the thread's ``init``), and with a proof file, its share of the proofs.
+_THREADS = """
+local threads = {}
+setup = function(thread)
+  thread:set("thread_index", #threads)
+  threads[#threads + 1] = thread
+end
+
+proofs_used, proofs_ran_out = 0, 0
+local proofs, next_proof, proof_step = nil, 0, 1
+init = function(args)
+  -- args: the number of threads (always, see Load), then the proof file if any.
+  if args[2] then
+    proofs = {}
+    for line in io.lines(args[2]) do proofs[#proofs + 1] = line end
+    next_proof, proof_step = thread_index + 1, tonumber(args[1])
+  end
+end
+
+-- A proof never used before (each jti is single use); out of them, the thread stops.
+local next_dpop = function()
+  local proof = proofs[next_proof]
+  if proof == nil then
+    proofs_ran_out = 1
+    wrk.thread:stop()
+    return "ran-out"
+  end
+  next_proof = next_proof + proof_step
+  proofs_used = proofs_used + 1
+  return proof
+end
+
+proofs_report = function()
+  local used, ran_out = 0, 0
+  for _, thread in ipairs(threads) do
+    used = used + (thread:get("proofs_used") or 0)
+    ran_out = math.max(ran_out, thread:get("proofs_ran_out") or 0)
+  end
+  return string.format(',"proofs_used":%d,"proofs_ran_out":%d', used, ran_out)
+end
+"""
+
+
 @dataclass(frozen=True)
 class Request:
-    """One HTTP request wrk repeats: ``POST path`` with a form body and Basic credentials."""
+    """One HTTP request wrk repeats: by default ``POST path`` with a form body and Basic
+    credentials; ``method="GET"`` with an empty body sends no body (the gateway). With
+    ``dpop``, each request carries a fresh proof from the file its :class:`Load` names."""
 
     path: str
     body: str
     authorization: str
+    method: str = "POST"
+    dpop: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,10 +113,28 @@ class Slice:
     status_errors: int
     histogram: dict[int, int]
     cpu_s: float = 0.0
+    proofs_used: int = 0
+    proofs_ran_out: bool = False
 
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+
+def concurrent(slices: list[Slice]) -> Slice:
+    """Several wrk runs made at the same time against several servers, as one: requests and
+    histograms added, and a duration such that requests/s is the sum of theirs."""
+    rate = sum(s.requests_per_s for s in slices)
+    requests = sum(s.requests for s in slices)
+    histogram: dict[int, int] = {}
+    for piece in slices:
+        for value, count in piece.histogram.items():
+            histogram[value] = histogram.get(value, 0) + count
+    return Slice(requests=requests, duration_s=requests / rate if rate else 0.0,
+                 socket_errors=sum(s.socket_errors for s in slices),
+                 status_errors=sum(s.status_errors for s in slices), histogram=histogram,
+                 cpu_s=sum(s.cpu_s for s in slices), proofs_used=sum(s.proofs_used for s in slices),
+                 proofs_ran_out=any(s.proofs_ran_out for s in slices))
 
 
 def percentile(histogram: dict[int, int], p: float) -> float:
@@ -136,14 +208,26 @@ class WrkResult:
     def status_errors(self) -> int:
         return sum(s.status_errors for s in self.slices)
 
+    @property
+    def proofs_used(self) -> int:
+        return sum(s.proofs_used for s in self.slices)
+
+    @property
+    def proofs_ran_out(self) -> bool:
+        return any(s.proofs_ran_out for s in self.slices)
+
     def as_dict(self) -> dict[str, object]:
-        return {"requests": self.requests, "duration_s": round(self.duration_s, 3),
-                "requests_per_s": round(self.requests_per_s, 1),
-                "p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
-                "max_ms": round(self.max_ms, 3),
-                "cpu_us_per_request": round(self.cpu_us_per_request, 1),
-                "slices_requests_per_s": [round(s.requests_per_s, 1) for s in self.slices],
-                "socket_errors": self.socket_errors, "status_errors": self.status_errors}
+        document: dict[str, object] = {
+            "requests": self.requests, "duration_s": round(self.duration_s, 3),
+            "requests_per_s": round(self.requests_per_s, 1),
+            "p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
+            "max_ms": round(self.max_ms, 3),
+            "cpu_us_per_request": round(self.cpu_us_per_request, 1),
+            "slices_requests_per_s": [round(s.requests_per_s, 1) for s in self.slices],
+            "socket_errors": self.socket_errors, "status_errors": self.status_errors}
+        if self.proofs_used or self.proofs_ran_out:
+            document.update(proofs_used=self.proofs_used, proofs_ran_out=self.proofs_ran_out)
+        return document
 
 
 def ensure_wrk() -> str:
@@ -184,14 +268,19 @@ def _lua_string(value: str) -> str:
 
 
 def _request_table(request: Request) -> str:
-    return (f"{{path = {_lua_string(request.path)}, body = {_lua_string(request.body)}, "
-            f"authorization = {_lua_string(request.authorization)}}}")
+    body = _lua_string(request.body) if request.body else "nil"
+    content_type = '"application/x-www-form-urlencoded"' if request.body else "nil"
+    return (f"{{method = {_lua_string(request.method)}, path = {_lua_string(request.path)}, "
+            f"body = {body}, content_type = {content_type}, "
+            f"authorization = {_lua_string(request.authorization)}, "
+            f"dpop = {'true' if request.dpop else 'false'}}}")
 
 
 def write_script(directory: Path, name: str, requests: list[Request]) -> Path:
     """A script that sends ``requests`` in turn (one request: always that one)."""
     table = ",\n  ".join(_request_table(r) for r in requests)
     script = f"""-- generated by bench/wrk.py
+{_THREADS}
 local requests = {{
   {table}
 }}
@@ -199,10 +288,9 @@ local i = 0
 request = function()
   i = i % #requests + 1
   local r = requests[i]
-  return wrk.format("POST", r.path, {{
-    ["Content-Type"] = "application/x-www-form-urlencoded",
-    ["Authorization"] = r.authorization,
-  }}, r.body)
+  local headers = {{["Authorization"] = r.authorization, ["Content-Type"] = r.content_type}}
+  if r.dpop then headers["DPoP"] = next_dpop() end
+  return wrk.format(r.method, r.path, headers, r.body)
 end
 {_DONE}"""
     path = directory / f"{name}.lua"
@@ -210,20 +298,50 @@ end
     return path
 
 
-def run(wrk: str, script: Path, port: int, connections: int, seconds: int,
-        threads: int = 2) -> Slice:
-    """Run wrk once against 127.0.0.1:``port`` and return what it counted."""
-    command = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s",
-               "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}/"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False,
-                               timeout=seconds + 60)
-    for line in completed.stdout.splitlines():
+@dataclass(frozen=True)
+class Load:
+    """One wrk run to make: ``script`` against 127.0.0.1:``port``, with ``proofs`` (a file of
+    DPoP proofs, one a line) when the script's request needs them."""
+
+    script: Path
+    port: int
+    connections: int
+    threads: int = 2
+    proofs: Path | None = None
+
+    def command(self, wrk: str, seconds: int) -> list[str]:
+        threads = min(self.threads, self.connections)
+        args = [str(threads)] + ([str(self.proofs)] if self.proofs else [])
+        return [wrk, f"-t{threads}", f"-c{self.connections}", f"-d{seconds}s", "--timeout", "5s",
+                "-s", str(self.script), f"http://127.0.0.1:{self.port}/", *args]
+
+
+def run_together(wrk: str, loads: list[Load], seconds: int) -> list[Slice]:
+    """Start one wrk per load at the same time (one load: a plain run), wait for all, and
+    return what each counted."""
+    processes = [subprocess.Popen(load.command(wrk, seconds), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for load in loads]
+    outputs = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=seconds + 60)
+            outputs.append((process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return [_parse(*output) for output in outputs]
+
+
+def _parse(returncode: int, stdout: str, stderr: str) -> Slice:
+    for line in stdout.splitlines():
         if line.startswith(RESULT_MARKER):
             data = json.loads(line[len(RESULT_MARKER):])
             break
     else:
-        raise RuntimeError(f"wrk printed no result (exit {completed.returncode}):\n"
-                           f"{completed.stdout}\n{completed.stderr}")
+        raise RuntimeError(f"wrk printed no result (exit {returncode}):\n{stdout}\n{stderr}")
     return Slice(requests=data["requests"], duration_s=data["duration_us"] / 1e6,
                  socket_errors=data["socket_errors"], status_errors=data["status_errors"],
-                 histogram={value: count for value, count in data["histogram"]})
+                 histogram={value: count for value, count in data["histogram"]},
+                 proofs_used=data["proofs_used"], proofs_ran_out=bool(data["proofs_ran_out"]))
