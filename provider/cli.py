@@ -136,7 +136,9 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
     if "prometheus_client" in sys.modules:  # a top-level import crept in: see the module doc
         raise ConfigError("internal: prometheus_client was imported before serve could configure it")
     # gunicorn's workers are separate processes: they share metrics through files here.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="provider-metrics-"))
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="provider-metrics-")
+    _log_to_stderr()
     from provider import create_app
 
     if role:
@@ -170,6 +172,24 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
             return app
 
     Server().run()
+
+
+def _log_to_stderr() -> None:
+    """The provider's log on stderr, beside gunicorn's: audit events as bare JSON lines (one per
+    event, for log pipelines), everything else with time, process, level and logger."""
+    import logging
+
+    audit = logging.getLogger("provider.audit")
+    audit_handler = logging.StreamHandler(sys.stderr)
+    audit_handler.setFormatter(logging.Formatter("%(message)s"))
+    audit.addHandler(audit_handler)
+    audit.propagate = False
+    provider = logging.getLogger("provider")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    provider.addHandler(handler)
+    provider.setLevel(logging.INFO)
 
 
 # keys ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ the socket timeout, and the next check after Redis returns simply works again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -105,11 +106,13 @@ def _item(limit: RateLimit, namespace: str) -> RateLimitItem:
     return _ITEMS[limit.period](limit.count, namespace=namespace)
 
 
+@functools.lru_cache(maxsize=65536)
 def _key(value: str) -> str:
     """A fixed-length key part for ``value``: it may be long or attacker-chosen."""
     return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+@functools.lru_cache(maxsize=65536)
 def _address(address: str) -> str:
     """The source a failed-authentication limit counts: an IPv4 address, or an IPv6 address's
     /64 (one host usually holds a whole /64, and would otherwise have 2**64 allowances)."""

@@ -102,17 +102,32 @@ def test_two_instances_share_tokens_revocations_limits_and_replay_caches(shared)
         assert (status, body["error"]) == (400, "invalid_dpop_proof")
 
 
-def test_several_workers_without_redis_warn_that_limits_are_per_process(tmp_path, vault_keys):
+def test_serve_warns_of_per_process_limits_and_logs_audit_events_as_json_lines(tmp_path,
+                                                                             vault_keys):
     import shutil
 
     shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
     env = {"PROVIDER_DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
            "PROVIDER_KEYS_DIR": str(tmp_path / "keys"), "PROVIDER_CONFIG": str(tmp_path / "p.toml")}
     (tmp_path / "p.toml").write_text("")
-    initialize(config.load(environ=env))
+    settings = config.load(environ=env)
+    initialize(settings)
+    provider = Provider(settings)
+    _, secret = register_client(provider.storage, provider.hasher, issuer=settings.issuer,
+                                max_ttl=3600, client_id="svc", grant_types=["client_credentials"],
+                                scope="read")
+    provider.storage.engine.dispose()
     with serving(env, workers=2, capture_stderr=True) as (url, stderr):
-        assert url
         assert "rate limits count per worker process" in stderr()
+        status, issued, _ = post(f"{url}/token", ("svc", secret), grant_type="client_credentials")
+        assert status == 200
+        post(f"{url}/token", ("svc", "wrong"), grant_type="client_credentials")
+        written = stderr()
+    events = [json.loads(line) for line in written.splitlines() if line.startswith("{")]
+    issued_events = [e for e in events if e["type"] == "token.issued"]
+    assert issued_events and issued_events[0]["client_id"] == "svc"
+    assert any(e["type"] == "refusal" and e["error"] == "invalid_client" for e in events)
+    assert issued["access_token"] not in written and secret not in written
 
 
 def test_redis_going_away_fails_closed_and_recovers(tmp_path, vault_keys, monkeypatch):
