@@ -4,23 +4,25 @@ Every issuance, exchange (with the subject and actor ``jti``), refresh, introspe
 revocation (with its cause), deposit, decryption, gateway call (method, route template, status,
 bytes), refusal and alert is recorded with :meth:`AuditLog.record`. Each event goes two ways:
 
-* **the log**: one JSON line on the ``provider.audit`` logger (level INFO), written
-  *synchronously* inside ``record()``. It is cheap, and it means the log has every event, also
-  those the store loses;
-* **the store**: the ``audit_events`` table (append-only), written *asynchronously* by a daemon
-  thread in batches (at most ``batch_size`` events, at most ``flush_interval`` seconds old),
-  each batch one ``executemany`` in one transaction. The request path never waits for the
-  database: ``record()`` puts the event on a bounded queue and returns.
+* **the log**: one JSON line per event on the ``provider.audit`` logger (level INFO);
+* **the store**: the ``audit_events`` table (append-only).
+
+Both are written *asynchronously* by a daemon thread, in batches (at most ``batch_size``
+events, at most ``flush_interval`` seconds old): first the batch's log lines as one log record
+(one JSON event per line), then its rows in one ``executemany`` in one transaction. The request
+path never waits for the log or the database: ``record()`` scrubs the event, serialises its line
+and puts it on a bounded queue. (Writing and flushing each line from the request measured about
+a third of the audit's cost per request.)
 
 What can be lost, and when:
 
 * **A crash** (SIGKILL, OOM, power) loses the events queued in that process and not yet
-  written: at most one batch interval (``flush_interval``, 0.5 s by default) of events, plus
-  whatever piled up while the database was slow or down. The log lines of those events were
-  already written.
+  written, from the log and the store alike: at most one batch interval (``flush_interval``,
+  0.5 s by default) of events, plus whatever piled up while the database was slow or down.
 * **A full queue** (``max_queue`` events waiting: the database is down or far too slow) drops
   new events from the store and counts them (:attr:`AuditLog.dropped`); a warning with the
-  count is logged at most once every 10 seconds. Their log lines are still written.
+  count is logged at most once every 10 seconds. Their log lines are written at once, from the
+  request, so that the log still has every event.
 * **A normal exit** loses nothing: an ``atexit`` hook flushes the queue (gunicorn workers exit
   through ``sys.exit``, so they run it), and :meth:`AuditLog.close` does the same explicitly.
 
@@ -90,12 +92,24 @@ class _Flush:
 
 
 _STOP = object()
+_LINE = "_line"  # a row's log line, until it is written
+
+
+def _log_lines(rows: list[dict[str, Any]]) -> None:
+    """Write (and take off) the rows' log lines: one log record, one JSON event a line."""
+    lines = [row.pop(_LINE) for row in rows if _LINE in row]
+    if lines:
+        try:
+            log.info("\n".join(lines))
+        except Exception:  # noqa: BLE001 - a broken handler must not stop the store.
+            _internal.error("audit: could not write %d log line(s)", len(lines))
 
 
 class AuditLog:
     """Record audit events to the ``provider.audit`` log and, in batches, to the database.
 
-    ``enabled=False`` keeps only the log: nothing is queued or stored and no thread starts.
+    ``enabled=False`` records nothing (no log line, no row, no thread): only for measuring
+    what the audit trail costs.
     """
 
     def __init__(self, storage: Storage, *, batch_size: int = 200, flush_interval: float = 0.5,
@@ -121,6 +135,7 @@ class AuditLog:
         self._start_lock = threading.Lock()
         self._drop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
         self._pid: int | None = None
         self._dropped_unreported = 0
         self._last_drop_warning = float("-inf")
@@ -135,12 +150,12 @@ class AuditLog:
                sub: str | None = None, jti: str | None = None, **fields: Any) -> None:
         """Record one event. Never blocks, and never raises: an audit problem must not fail
         the request it describes."""
+        if not self.enabled:
+            return
         try:
             row = self._event(type, request_id, client_id, sub, jti, fields)
         except Exception as exc:  # noqa: BLE001 - reported below, without the event's values.
             _internal.error("audit: could not record a %r event (%s)", type, _type_name(exc))
-            return
-        if not self.enabled:
             return
         if self._closed:  # after close(), e.g. from another atexit hook: write it now
             self._write([row])
@@ -149,11 +164,15 @@ class AuditLog:
         try:
             self._queue.put_nowait(row)
         except queue.Full:
+            _log_lines([row])  # the store loses it; the log must not
             self._count_dropped(1)
+            return
+        if self._queue.qsize() >= self.batch_size:
+            self._wake.set()
 
     def _event(self, type: str, request_id: str | None, client_id: str | None, sub: str | None,
                jti: str | None, fields: dict[str, Any]) -> dict[str, Any]:
-        """The scrubbed row, after writing its log line."""
+        """The scrubbed row, with its log line under ``_LINE`` (taken off before it is stored)."""
         now = time.time()
         redacted: list[str] = []
         data = _scrub_mapping(fields, "", redacted, top_level=True)
@@ -172,9 +191,10 @@ class AuditLog:
             columns[name] = value
         if redacted:
             data["redacted"] = sorted(set(redacted))
+        row = {"time": now, **columns, "data": data}
         if log.isEnabledFor(logging.INFO):
-            log.info(json.dumps({"time": _iso(now), **columns, **data}, separators=(",", ":")))
-        return {"time": now, **columns, "data": data}
+            row[_LINE] = json.dumps({"time": _iso(now), **columns, **data}, separators=(",", ":"))
+        return row
 
     def _ensure_writer(self) -> None:
         pid = os.getpid()
@@ -212,6 +232,7 @@ class AuditLog:
             except queue.Full:
                 _internal.warning("audit store: flush timed out with the queue full")
                 return
+            self._wake.set()
             if not marker.done.wait(timeout):
                 _internal.warning("audit store: flush timed out after %.1f s", timeout)
             return
@@ -242,6 +263,7 @@ class AuditLog:
                 self._queue.put(_STOP, timeout=timeout)
             except queue.Full:
                 return
+            self._wake.set()
             assert self._thread is not None
             self._thread.join(timeout)
         self.flush(timeout)  # anything recorded between the two
@@ -253,39 +275,41 @@ class AuditLog:
     # The writer thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Every ``flush_interval`` (or when woken by a full batch, a flush or close), drain the
+        queue in batches. It does not wait on the queue itself: that would wake this thread,
+        and hand it the GIL, for every single event."""
         q = self._queue
         while True:
-            item = q.get()
-            batch: list[dict[str, Any]] = []
-            markers: list[_Flush] = []
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
             stop = False
-            deadline = time.monotonic() + self.flush_interval
             while True:
-                if item is _STOP:
-                    stop = True
-                    break
-                if isinstance(item, _Flush):
-                    markers.append(item)
-                    break  # write now: someone is waiting
-                batch.append(item)
-                if len(batch) >= self.batch_size:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = q.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            self._write(batch)
-            for marker in markers:
-                marker.done.set()
-            if stop:
-                return
+                batch: list[dict[str, Any]] = []
+                markers: list[_Flush] = []
+                while len(batch) < self.batch_size:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    if isinstance(item, _Flush):
+                        markers.append(item)
+                    else:
+                        batch.append(item)
+                self._write(batch)
+                for marker in markers:
+                    marker.done.set()
+                if stop:
+                    return
+                if len(batch) < self.batch_size:
+                    break  # drained
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         """Insert ``rows`` as one batch; retry a failing batch, then row by row, then count the
-        rows the database refused as dropped. Never raises."""
+        rows the database refused as dropped. Their log lines go first. Never raises."""
+        _log_lines(rows)
         if not rows:
             return
         for pause in (*_WRITE_RETRIES, None):

@@ -110,7 +110,7 @@ class RateLimits:
 @dataclass(frozen=True)
 class Audit:
     enabled: bool = True
-    """Store audit events (they are logged either way); off only to measure their cost."""
+    """Record audit events (log and store); off only to measure what they cost."""
 
 
 @dataclass(frozen=True)
@@ -487,7 +487,7 @@ max_body_bytes = 10485760
 webhook_url = ""                # alerts (suspensions) are POSTed here as JSON, never blocking
 
 [audit]
-enabled = true                  # store audit events (token-provider audit); they are logged either way
+enabled = true                  # audit events to the log and the store; off only to measure their cost
 
 # One table per upstream, for example:
 # [upstreams.drive]

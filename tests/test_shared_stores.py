@@ -122,6 +122,9 @@ def test_serve_warns_of_per_process_limits_and_logs_audit_events_as_json_lines(t
         status, issued, _ = post(f"{url}/token", ("svc", secret), grant_type="client_credentials")
         assert status == 200
         post(f"{url}/token", ("svc", "wrong"), grant_type="client_credentials")
+        deadline = time.monotonic() + 5  # audit lines are written in batches, every 0.5 s
+        while '"invalid_client"' not in stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
         written = stderr()
     events = [json.loads(line) for line in written.splitlines() if line.startswith("{")]
     issued_events = [e for e in events if e["type"] == "token.issued"]
