@@ -128,6 +128,25 @@ def _address(address: str) -> str:
     return _key(str(ip))
 
 
+class _MemoryStorage(MemoryStorage):
+    """``limits``' in-process storage, cleaning out expired entries once a second.
+
+    The stock storage restarts a 10 ms ``threading.Timer`` after every hit whose previous timer
+    has run: under load, a thread start for about every tenth request (measured in the bench's
+    profile). Counts are read against the clock, so cleaning less often only keeps expired
+    entries in memory a little longer. If a release of ``limits`` renames the hook, this
+    override is simply not called and the stock behaviour remains.
+    """
+
+    CLEANUP_INTERVAL = 1.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        if not self.timer.is_alive():
+            self.timer = threading.Timer(self.CLEANUP_INTERVAL, self._MemoryStorage__expire_events)
+            self.timer.daemon = True
+            self.timer.start()
+
+
 def key_prefix(issuer: str) -> str:
     return "provider:rl:" + hashlib.sha256(issuer.encode("utf-8")).hexdigest()[:16]
 
@@ -155,7 +174,7 @@ class Limiter:
     def __init__(self, settings: Settings, redis_url: str = ""):
         limits = settings.rate_limits
         self.storage: Storage = (
-            _redis_storage(redis_url, key_prefix(settings.issuer)) if redis_url else MemoryStorage()
+            _redis_storage(redis_url, key_prefix(settings.issuer)) if redis_url else _MemoryStorage()
         )
         self.strategy = MovingWindowRateLimiter(self.storage)
         self._token = _item(limits.token, "token")
@@ -182,7 +201,7 @@ class Limiter:
     def after_fork(self) -> None:
         """Give a forked worker fresh in-process counts (redis-py reconnects by itself)."""
         if isinstance(self.storage, MemoryStorage):
-            self.storage = MemoryStorage()
+            self.storage = _MemoryStorage()
             self.strategy = MovingWindowRateLimiter(self.storage)
 
     # -- the checks -------------------------------------------------------------------------
