@@ -82,17 +82,6 @@ def authenticate(
     return _from_allowed_address(client, remote_addr)
 
 
-def claimed_client_id(form: dict[str, Any], authorization: str | None) -> str | None:
-    """The client id a request claims to be (unverified), for counting failed attempts."""
-    if authorization:
-        try:
-            return _basic_credentials(authorization)[0]
-        except InvalidClient:
-            return None
-    claimed = form.get("client_id")
-    return claimed if isinstance(claimed, str) and CLIENT_ID.match(claimed) else None
-
-
 def _basic_credentials(authorization: str) -> tuple[str, str]:
     """RFC 7617 credentials, each form-urlencoded per RFC 6749 §2.3.1."""
     scheme, _, encoded = authorization.partition(" ")

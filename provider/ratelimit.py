@@ -183,7 +183,6 @@ class Limiter:
         }
         self._introspect = _item(limits.introspect, "introspect")
         self._failed_address = _item(limits.failed_client_auth, "auth-addr")
-        self._failed_client = _item(limits.failed_client_auth, "auth-client")
         self._family = _item(limits.gateway, "gw-family")
         self._family_suspend = _item(limits.suspend_gateway, "gw-family-suspend")
         self._connection: dict[str, tuple[RateLimitItem, RateLimitItem]] = {
@@ -216,25 +215,25 @@ class Limiter:
             self._hit_or_raise(self._introspect, _key(client_id),
                                "the /introspect rate limit of this client")
 
-    def check_failed_auth(self, address: str, client_id: str | None) -> None:
-        """Before authenticating: refuse an address (or a client id from it) that has already
-        failed ``failed_client_auth`` times in the period. Counts nothing."""
-        with self._guard():
-            checks = [(self._failed_address, (_address(address),))]
-            if client_id is not None:
-                checks.append((self._failed_client, (_key(client_id), _address(address))))
-            for item, identifiers in checks:
-                if not self.strategy.test(item, *identifiers):
-                    raise self._refusal(item, identifiers,
-                                        "too many failed client authentications from this address")
+    def check_failed_auth(self, address: str) -> None:
+        """Before authenticating: refuse an address that has already failed
+        ``failed_client_auth`` times in the period. Counts nothing.
 
-    def record_failed_auth(self, address: str, client_id: str | None) -> None:
-        """After a failed authentication: one more for the address and for (client id,
-        address)."""
+        One counter serves both limits of the contract ("per source address, and per client id
+        from one address"): every failure counts for its address, so the failures of any one
+        client id from an address never outnumber the address's own, and both limits are the
+        same ``failed_client_auth``. A second counter would cost a look-up per request (a
+        Redis round trip on a shared deployment) and could never refuse anything more."""
+        with self._guard():
+            identifier = _address(address)
+            if not self.strategy.test(self._failed_address, identifier):
+                raise self._refusal(self._failed_address, (identifier,),
+                                    "too many failed client authentications from this address")
+
+    def record_failed_auth(self, address: str) -> None:
+        """After a failed authentication: one more for the address."""
         with self._guard():
             self.strategy.hit(self._failed_address, _address(address))
-            if client_id is not None:
-                self.strategy.hit(self._failed_client, _key(client_id), _address(address))
 
     def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:
         """Count one gateway call for the token family and for the connection.
@@ -330,10 +329,10 @@ class NoLimits:
     def hit_introspect(self, client_id: str) -> None:
         pass
 
-    def check_failed_auth(self, address: str, client_id: str | None) -> None:
+    def check_failed_auth(self, address: str) -> None:
         pass
 
-    def record_failed_auth(self, address: str, client_id: str | None) -> None:
+    def record_failed_auth(self, address: str) -> None:
         pass
 
     def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:

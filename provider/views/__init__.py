@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Flask, current_app, g, json, request
 
-from provider.client_auth import authenticate, claimed_client_id
+from provider.client_auth import authenticate
 from provider.clients import Client
 from provider.errors import InvalidClient
 from provider.service import Provider
@@ -28,17 +28,16 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
 
 def authenticated_client(credentials: dict[str, Any]) -> Client:
     """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker:
-    an address (or a client id from one address) that failed too often is refused before its
-    credentials are even looked at, and every failure counts."""
+    an address that failed too often is refused before its credentials are even looked at, and
+    every failure counts."""
     p = provider()
     address = request.remote_addr or "-"
-    claimed = claimed_client_id(credentials, request.headers.get("Authorization"))
-    p.limiter.check_failed_auth(address, claimed)
+    p.limiter.check_failed_auth(address)
     try:
         client = authenticate(p, credentials, request.headers.get("Authorization"),
                               request.remote_addr, lambda: request.base_url)
     except InvalidClient:
-        p.limiter.record_failed_auth(address, claimed)
+        p.limiter.record_failed_auth(address)
         raise
     g.client_id = client.client_id
     return client
