@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -20,7 +21,18 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.support import ACCESS_TOKEN_TYPE, EXCHANGE, FORM, JWT_TOKEN_TYPE, REFRESH_TOKEN_TYPE, Registered
+from provider import config, create_app
+from provider.service import initialize
+from tests.support import (
+    ACCESS_TOKEN_TYPE,
+    EXCHANGE,
+    FORM,
+    ISSUER,
+    JWT_TOKEN_TYPE,
+    REFRESH_TOKEN_TYPE,
+    OAuth,
+    Registered,
+)
 from tests.test_attacks_tokens import (
     assert_error,
     assert_safe_response,
@@ -381,3 +393,33 @@ def test_failure_looks_the_same_for_unknown_client_and_wrong_secret(ctx, auth_sh
     assert _comparable(unknown) == _comparable(wrong_secret)
     assert ctx.svc.client_id not in wrong_secret.get_data(as_text=True)
     assert "no-such-client" not in unknown.get_data(as_text=True)
+
+
+@pytest.fixture
+def flood_app(tmp_path, vault_keys):
+    """A provider of its own: the shared one's counters must not see this test's failures."""
+    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
+    overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/flood.db",
+                 "keys_dir": str(tmp_path / "keys"),
+                 "rate_limits": {"failed_client_auth": "3/minute"}}
+    initialize(config.load(overrides=overrides))
+    application = create_app(overrides)
+    yield application
+    application.extensions["provider"].storage.engine.dispose()
+
+
+def test_a_flood_of_failed_logins_closes_the_address_even_to_the_right_secret(flood_app):
+    flood = OAuth(flood_app, flood_app.test_client())
+    victim = flood.register("victim")
+    wrong = Registered("victim", "not-the-secret")
+    for _ in range(3):
+        assert flood.token(wrong).status_code == 401
+    for attempt in (wrong, victim):  # the right secret too: the address is closed for now
+        refused = flood.token(attempt)
+        assert refused.status_code == 429
+        assert refused.get_json()["error"] == "temporarily_unavailable"
+        assert int(refused.headers["Retry-After"]) >= 1
+    other = flood_app.test_client()
+    elsewhere = other.post("/token", data={"grant_type": "client_credentials"},
+                           headers=victim.basic, environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert elsewhere.status_code == 200
