@@ -9,14 +9,16 @@ A call is authorised by a sequence of checks, each a refusal that never reaches 
 4. the token is valid and neither it nor an ancestor is revoked, else 401 ``invalid_token``; a
    DPoP-bound token comes with the ``DPoP`` scheme and a proof by its key (RFC 9449 §7), an
    unbound one as ``Bearer``;
-5. its ``aud`` names this upstream's gateway resource, else 401 ``invalid_token``;
+5. its ``aud`` names this upstream's gateway resource, else 401 ``invalid_token``; from here
+   on the call counts against the token family's and the connection's limits, refused or not
+   (429 over the limit; over the suspension threshold the family or connection is revoked);
 6. the raw path is unambiguous (no dot or empty segments, no encoded slash, backslash or dot),
    and a declared route matches the method and path, else 404;
 7. the token's scope holds the route's scope, and its audience covers the exact URL, else 403
    ``insufficient_scope``;
 8. the token derives from the subject's current connection to the upstream, else 401;
 9. the caller's address is allowed for the token's client and the connection, else 403
-   (the reason goes to the log, not to the caller).
+   (the reason goes to the audit trail, not to the caller).
 
 Then the caller's credentials, cookies, forwarding and hop-by-hop headers are dropped, the
 upstream token is added, and the answer streams back without upstream cookies or challenges.
