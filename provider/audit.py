@@ -92,12 +92,23 @@ class _Flush:
 
 
 _STOP = object()
-_LINE = "_line"  # a row's log line, until it is written
+_LINE = "_log"  # marks a row whose log line is still to be written
+_COLUMN_NAMES = ("type", "request_id", "client_id", "sub", "jti")
+
+
+def _line(row: dict[str, Any]) -> str:
+    """The event as one JSON line: its time, its columns (``data`` keeps the whole value of
+    one cut to fit its column), then its other fields."""
+    event = {"time": _iso(row["time"])}
+    event.update((name, row.get(name)) for name in _COLUMN_NAMES)  # the same keys every time
+    event.update(row["data"])
+    return json.dumps(event, separators=(",", ":"))
 
 
 def _log_lines(rows: list[dict[str, Any]]) -> None:
-    """Write (and take off) the rows' log lines: one log record, one JSON event a line."""
-    lines = [row.pop(_LINE) for row in rows if _LINE in row]
+    """Write the log lines of the rows marked for the log (taking the mark off): one log
+    record, one JSON event a line."""
+    lines = [_line(row) for row in rows if row.pop(_LINE, False)]
     if lines:
         try:
             log.info("\n".join(lines))
@@ -172,7 +183,7 @@ class AuditLog:
 
     def _event(self, type: str, request_id: str | None, client_id: str | None, sub: str | None,
                jti: str | None, fields: dict[str, Any]) -> dict[str, Any]:
-        """The scrubbed row, with its log line under ``_LINE`` (taken off before it is stored)."""
+        """The scrubbed row; ``_LINE`` marks it for the log (taken off before it is stored)."""
         now = time.time()
         redacted: list[str] = []
         data = _scrub_mapping(fields, "", redacted, top_level=True)
@@ -193,7 +204,7 @@ class AuditLog:
             data["redacted"] = sorted(set(redacted))
         row = {"time": now, **columns, "data": data}
         if log.isEnabledFor(logging.INFO):
-            row[_LINE] = json.dumps({"time": _iso(now), **columns, **data}, separators=(",", ":"))
+            row[_LINE] = True  # the writer serialises it: nothing more to do on the request
         return row
 
     def _ensure_writer(self) -> None:
