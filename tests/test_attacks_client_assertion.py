@@ -25,6 +25,9 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 from provider.clients import RegistrationError
 from tests.support import ISSUER
 from tests.test_attacks_tokens import (
+    _DROP,
+    _changed,
+    _oct,
     assert_error,
     assert_safe_response,
     attack_provider,
@@ -82,24 +85,6 @@ class Assertions:
 
     def with_claims(self, **changes: Any) -> str:
         return self.make(claims=self.claims(**changes))
-
-
-_DROP = object()
-
-
-def _changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    result = dict(base)
-    for name, value in changes.items():
-        if value is _DROP:
-            result.pop(name, None)
-        else:
-            result[name] = value
-    return result
-
-
-def _oct(secret: bytes) -> OctKey:
-    """An HMAC key made of public key bytes: joserfc refuses to import one, so build it."""
-    return OctKey(secret, secret)
 
 
 @pytest.fixture(scope="module")
