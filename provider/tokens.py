@@ -87,8 +87,15 @@ class Lineage:
 
 
 def new_id() -> str:
-    """128 random bits, URL-safe: token ids, family ids, connection ids."""
-    return secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: token ids, family ids, connection ids.
+
+    Operators pass these ids to the command line (`revoke --jti`, `connections delete`), so an
+    id never starts with "-", where it would be read as an option. Redrawing the 1 in 64 that
+    do costs a fraction of a bit of entropy.
+    """
+    while (value := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return value
 
 
 def mint_access_token(

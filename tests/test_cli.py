@@ -266,3 +266,11 @@ def test_connections_add_for_an_unknown_upstream_is_refused(with_upstream, tmp_p
     result = CliRunner().invoke(cli, ["connections", "add", "--subject", "a", "--upstream", "nope",
                                       "--access-token-file", str(secret_file)])
     assert result.exit_code == 1 and result.output.strip() == "error: no such upstream"
+
+
+def test_ids_never_start_with_a_dash_so_the_cli_never_reads_one_as_an_option(monkeypatch):
+    from provider import tokens
+
+    drawn = iter(["-pZ3", "-x", "Kq-_"])
+    monkeypatch.setattr(tokens.secrets, "token_urlsafe", lambda nbytes: next(drawn))
+    assert tokens.new_id() == "Kq-_"
