@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 
+from provider import jws
 from provider.errors import OAuthError
 from provider.keys import thumbprint
 from provider.scopes import normalize_resource
@@ -39,6 +40,7 @@ ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS
 MAX_PROOF_LENGTH = 8192
 NONCE_WINDOW = 300
 _PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+_REQUIRED_CLAIMS = ("jti", "htm", "htu", "iat")  # RFC 9449 §4.2
 
 
 class InvalidDPoPProof(OAuthError):
@@ -124,9 +126,10 @@ class DPoP:
             raise refuse("exactly one DPoP proof is required")
         proof = headers[0]
         try:
-            header = jwt.get_unverified_header(proof)
-        except jwt.InvalidTokenError:
+            unverified = jws.read(proof, MAX_PROOF_LENGTH)
+        except jws.JWSInvalid:
             raise refuse() from None
+        header = unverified.header
         jwk, alg = header.get("jwk"), header.get("alg")
         if header.get("typ") != PROOF_TYPE or alg not in ALGORITHMS or "crit" in header:
             raise refuse()
@@ -134,13 +137,12 @@ class DPoP:
                 or jwk.get("kty") not in ("EC", "RSA", "OKP"):
             raise refuse("the proof's jwk must be a public EC, RSA or OKP key")
         try:
-            key = jwt.PyJWK(jwk, algorithm=alg)
-            claims = jwt.decode(proof, key.key, algorithms=[alg],
-                                options={"require": ["jti", "htm", "htu", "iat"],
-                                         "verify_aud": False, "verify_iat": False})
+            claims = unverified.verify(jwt.PyJWK(jwk, algorithm=alg).key, alg)
             jkt = thumbprint(jwk)
-        except (jwt.PyJWTError, KeyError, ValueError, TypeError):
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError):  # JWSInvalid is a ValueError
             raise refuse() from None
+        if any(name not in claims for name in _REQUIRED_CLAIMS):
+            raise refuse()
         self._check_claims(claims, method, url, access_token, refuse)
         iat = claims["iat"]
         window = self.settings.dpop.iat_window

@@ -33,6 +33,8 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, RSAKey
@@ -218,6 +220,14 @@ def flip_signature_bit(token: str) -> str:
     return f"{header}.{payload}.{b64url(bytes(raw))}"
 
 
+def sign_segments(f: Forge, header_segment: str, payload_segment: str) -> str:
+    """A provider ES256 signature over segments exactly as given, however malformed."""
+    signing_input = f"{header_segment}.{payload_segment}"
+    der = f.provider_key.private_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
 def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
     """An unsecured JWS for an ``alg`` spelling joserfc will not produce."""
     return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}."
@@ -299,6 +309,10 @@ CASES: dict[str, Case] = {
     "nbf-in-the-future": lambda f: f.with_claims(nbf=now() + 600),
     "iat-far-in-the-future": lambda f: f.with_claims(iat=now() + 3600, exp=now() + 7200),
     "exp-not-a-number": lambda f: f.with_claims(exp="tomorrow"),
+    # Python's json reads these non-JSON constants; a token that never expires must not pass.
+    "exp-infinity": lambda f: f.with_claims(exp=float("inf")),
+    "exp-nan": lambda f: f.with_claims(exp=float("nan")),
+    "iat-minus-infinity": lambda f: f.with_claims(iat=float("-inf")),
     "exp-numeric-string": lambda f: f.with_claims(exp=str(f.claims["exp"])),
     "iat-numeric-string": lambda f: f.with_claims(iat=str(f.claims["iat"])),
     "nbf-numeric-string": lambda f: f.with_claims(nbf=str(f.claims["iat"])),
@@ -329,6 +343,12 @@ CASES: dict[str, Case] = {
         lineage={**f.claims["lineage"], "clients": {"svc": "yesterday"}}),
     "payload-not-an-object": lambda f: f.sign(payload=b'["svc"]'),
     "payload-not-json": lambda f: f.sign(payload=b"svc read write"),
+    # RFC 7519 §7.2: the claims are UTF-8 JSON (Python's json would also read UTF-16 or -32).
+    "payload-utf-16": lambda f: f.sign(payload=json.dumps(f.claims).encode("utf-16")),
+    "payload-utf-32": lambda f: f.sign(payload=json.dumps(f.claims).encode("utf-32")),
+    # RFC 7515 §2: base64url without padding; a padded segment is another signing input.
+    "padded-payload-segment": lambda f: sign_segments(
+        f, f.valid().split(".")[0], b64url(json.dumps(f.claims).encode()) + "=="),
     # Damaged genuine tokens.
     "truncated": lambda f: f.genuine[:-12],
     "truncated-to-header-and-payload": lambda f: f.genuine.rsplit(".", 1)[0],
