@@ -9,10 +9,11 @@ bytes), refusal and alert is recorded with :meth:`AuditLog.record`. Each event g
 
 Both are written *asynchronously* by a daemon thread, in batches (at most ``batch_size``
 events, at most ``flush_interval`` seconds old): first the batch's log lines as one log record
-(one JSON event per line), then its rows in one ``executemany`` in one transaction. The request
-path never waits for the log or the database: ``record()`` scrubs the event and puts it on a
-bounded queue; the writer serialises its line. (Writing and flushing each line from the request
-measured about a third of the audit's cost per request.)
+(one JSON event per line), then its rows in one transaction (multi-row ``INSERT``s: a
+per-row ``executemany`` stalled the request thread, see :meth:`Storage.add_audit_events`). The
+request path never waits for the log or the database: ``record()`` scrubs the event and puts
+it on a bounded queue; the writer serialises its line. (Writing and flushing each line from the
+request measured about a third of the audit's cost per request.)
 
 What can be lost, and when:
 

@@ -123,7 +123,7 @@ def test_every_event_is_one_json_line_on_the_provider_audit_log_with_its_batch(a
     assert ISO_UTC.match(events[0]["time"]) and events[0]["jti"] == "j1"
 
 
-def test_a_batch_is_one_executemany_in_one_transaction(storage):
+def test_a_batch_is_written_in_one_transaction(storage):
     calls: list[int] = []
     original = storage.add_audit_events
 
@@ -139,6 +139,22 @@ def test_a_batch_is_one_executemany_in_one_transaction(storage):
     log.close()
     assert sum(calls) == 120 and max(calls) <= 50 and len(calls) <= 6
     assert len(log.query(limit=500)) == 120
+
+
+@on_every_backend
+def test_a_batch_longer_than_one_insert_statement_is_stored_whole_and_in_order(storage, audit):
+    from provider.storage import AUDIT_ROWS_PER_STATEMENT
+
+    count = 2 * AUDIT_ROWS_PER_STATEMENT + 7
+    storage.add_audit_events([
+        {"time": 1000.0 + n, "type": "issue", "client_id": "svc", "sub": "ålice", "jti": f"j{n}",
+         "data": {"n": n, "act": {"sub": "bøt"}, "scopes": ["a", "b"], "note": None}}
+        for n in range(count)])
+    events = audit.query(limit=count + 1)
+    assert [e["jti"] for e in events] == [f"j{n}" for n in range(count)]
+    assert events[-1]["request_id"] is None and events[-1]["sub"] == "ålice"
+    assert events[-1]["n"] == count - 1 and events[-1]["act"] == {"sub": "bøt"}
+    assert events[-1]["scopes"] == ["a", "b"] and events[-1]["note"] is None
 
 
 @on_every_backend
