@@ -81,6 +81,11 @@ _JWT_CANDIDATE = re.compile(
     r"(?<![A-Za-z0-9_-])(e[wy][A-Za-z0-9_-]{14,})\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _DROP_WARNING_INTERVAL = 10.0
 _WRITE_RETRIES = (0.2, 1.0)  # pauses before retrying a batch the database did not take
+# The writer serialises and inserts this many events at a time, then yields the GIL: a request
+# waits for one slice (about 0.3 ms), not for a whole batch after the interpreter's 5 ms
+# switch interval. (In one worker, slices of 200 put the audit trail in the slowest 1% of
+# requests.)
+_WRITE_SLICE = 25
 
 
 class _Flush:
@@ -310,7 +315,9 @@ class AuditLog:
                         markers.append(item)
                     else:
                         batch.append(item)
-                self._write(batch)
+                for start in range(0, len(batch), _WRITE_SLICE):
+                    self._write(batch[start:start + _WRITE_SLICE])
+                    time.sleep(0)  # hand the GIL to a request waiting for it
                 for marker in markers:
                     marker.done.set()
                 if stop:
