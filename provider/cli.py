@@ -129,6 +129,7 @@ def init(as_json: bool) -> None:
 @guarded
 def serve(host: str, port: int, workers: int, role: str | None) -> None:
     """Serve HTTP with gunicorn (sync workers, application loaded before forking)."""
+    import gc
     import tempfile
 
     from gunicorn.app.base import BaseApplication
@@ -147,6 +148,12 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
     if workers > 1 and not app.extensions["settings"].redis_url:
         click.echo(f"warning: {workers} workers without PROVIDER_REDIS_URL: rate limits count per "
                    "worker process (set PROVIDER_REDIS_URL to share them)", err=True)
+
+    # Everything loaded so far lives as long as the process: out of the collector's sight, a
+    # full collection in a worker no longer walks it (a 40-50 ms pause every few thousand
+    # requests, measured in one process; under 7 ms with this) nor copies its pages after fork.
+    gc.collect()
+    gc.freeze()
 
     class Server(BaseApplication):
         def load_config(self) -> None:
