@@ -68,3 +68,20 @@ def test_unreachable_replay_store_fails_closed_with_503(oauth, signer):
     assert response.status_code == 503
     assert response.get_json()["error"] == "temporarily_unavailable"
     assert "redis" not in response.get_data(as_text=True).lower()
+
+
+@on_every_backend
+def test_the_database_spends_an_id_once_until_it_expires_even_when_raced(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage = app.extensions["provider"].storage
+    now = int(time.time())
+    assert storage.claim_once("spent", now + 60)
+    assert not storage.claim_once("spent", now + 60)
+    assert storage.claim_once("expired", now - 1)
+    assert storage.claim_once("expired", now + 60)  # its first record had expired
+    assert not storage.claim_once("expired", now + 60)
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda _: storage.claim_once("raced", now + 60), range(16)))
+    assert wins.count(True) == 1

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from provider.storage import schema
@@ -34,6 +36,21 @@ def _audit_insert(rows: int, paramstyle: str, dialect: str) -> str:
     # Only placeholders are joined in here: every value is bound.
     return ("INSERT INTO audit_events (time, type, request_id, client_id, sub, jti, data) "  # noqa: S608
             f"VALUES {', '.join([row] * rows)}")
+
+
+@functools.cache
+def _claim_once(dialect: str) -> sa.Insert:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired RETURNING key`` (SQLite 3.35+
+    and PostgreSQL share the syntax), built once: building it per call cost more than running
+    it."""
+    table = schema.used_assertions
+    dialect_insert = (sa.dialects.postgresql.insert if dialect == "postgresql"
+                      else sa.dialects.sqlite.insert)
+    insert = dialect_insert(table).values(key=sa.bindparam("key"),
+                                          expires_at=sa.bindparam("expires_at"))
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.key], set_={"expires_at": insert.excluded.expires_at},
+        where=table.c.expires_at < sa.bindparam("now")).returning(table.c.key)
 
 
 def create_engine(url: str) -> Engine:
@@ -184,17 +201,14 @@ class Storage:
     # Single-use assertion ids -------------------------------------------------------------
 
     def claim_once(self, key: str, expires_at: int) -> bool:
-        """Record ``key``; False if it was recorded before and has not expired."""
-        table = schema.used_assertions
-        now = int(time.time())
-        try:
-            with self.transaction() as connection:
-                connection.execute(
-                    sa.delete(table).where(table.c.key == key, table.c.expires_at < now))
-                connection.execute(sa.insert(table).values(key=key, expires_at=expires_at))
-        except sa.exc.IntegrityError:
-            return False
-        return True
+        """Record ``key``; False if it was recorded before and has not expired.
+
+        One upsert: a clash with an expired record takes it over, a clash with a live one
+        changes nothing and returns no row. Atomic across processes on both backends."""
+        with self.transaction() as connection:
+            result = connection.execute(_claim_once(self.engine.dialect.name), {
+                "key": key, "expires_at": expires_at, "now": int(time.time())})
+            return result.first() is not None
 
     # Single-use rows ----------------------------------------------------------------------
 
