@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from provider import config, create_app
@@ -88,6 +89,10 @@ def app_config(database_url: str, tmp_path: Any, settings_overrides: dict[str, A
     shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
     overrides = {"issuer": ISSUER, "database_url": database_url,
                  "keys_dir": str(tmp_path / "keys"), **settings_overrides}
+    if REDIS_URL and overrides.get("redis_url") == REDIS_URL:
+        # Every test's provider has the same issuer, hence the same Redis keys: start empty,
+        # or an earlier test's failed logins (10 a minute from 127.0.0.1) refuse this one's.
+        redis.Redis.from_url(overrides["redis_url"]).flushdb()
     initialize(config.load(overrides=overrides))
     return overrides
 
@@ -97,7 +102,9 @@ def app(app_config: dict[str, Any]) -> Iterator[Any]:
     application = create_app(app_config)
     application.config["TESTING"] = True
     yield application
-    application.extensions["provider"].storage.engine.dispose()
+    provider = application.extensions["provider"]
+    provider.audit.close()  # its events, written before a PostgreSQL test schema is dropped
+    provider.storage.engine.dispose()
 
 
 @pytest.fixture
