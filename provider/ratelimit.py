@@ -5,8 +5,11 @@ Four kinds of limit (``[rate_limits]`` in the config):
 - ``/token`` and ``/introspect`` calls per client (``token`` may be overridden per client in
   ``[rate_limits.clients]``);
 - failed client authentications per source address (an IPv6 address counts as its /64), and
-  per client id from one address (``failed_client_auth``), checked *before* authenticating so
-  that a guesser is refused without the provider hashing its guesses;
+  per client id from one address (``failed_client_auth``). Every failure counts, and the one
+  that crosses the limit is answered 429. A client that authenticates is refused too while
+  its address is over: checked after authenticating, in the same round trip to Redis as the
+  endpoint's own limit (:meth:`Limiter.admit`), so the hot path pays one Redis call, not two.
+  Whether the credentials of a refused request were right is never told;
 - gateway calls per token family (``gateway``) and per connection (the upstream's
   ``rate_limit``, default ``gateway``).
 
@@ -54,6 +57,7 @@ from provider.errors import OAuthError, TemporarilyUnavailable
 
 log = logging.getLogger("provider.ratelimit")
 
+_FAILED_AUTH = "too many failed client authentications from this address"
 REDIS_SOCKET_TIMEOUT = 1.0
 """Seconds a Redis command may take before the check fails closed."""
 
@@ -151,6 +155,37 @@ def key_prefix(issuer: str) -> str:
     return "provider:rl:" + hashlib.sha256(issuer.encode("utf-8")).hexdigest()[:16]
 
 
+class _RedisStorage(RedisStorage):
+    """``limits``' Redis storage, with one more operation: :meth:`test_and_acquire`."""
+
+    def test_and_acquire(self, window: tuple[str, int, int],
+                         acquire: tuple[str, int, int]) -> tuple[bool, bool]:
+        """Whether the moving window ``window`` (key, limit, expiry) has room for one more,
+        and whether one entry was acquired in ``acquire``: the same two scripts as
+        :meth:`get_moving_window` and :meth:`acquire_entry`, with the same arguments, sent in
+        one pipeline (one round trip instead of two)."""
+        window_key, window_limit, window_expiry = window
+        key, limit, expiry = acquire
+        now = time.time()
+        pipeline = self.get_connection().pipeline(transaction=False)
+        # evalsha directly: a Script object in a pipeline first asks SCRIPT EXISTS, one more
+        # round trip. Redis knows the scripts after their first use through ``limits``; until
+        # then (and after a restart) the fallback below runs them that way, loading them.
+        pipeline.evalsha(self.lua_moving_window.sha, 1, self.prefixed_key(window_key),
+                         now - window_expiry, window_limit)
+        pipeline.evalsha(self.lua_acquire_moving_window.sha, 1, self.prefixed_key(key),
+                         now, limit, expiry, 1)
+        try:
+            window_state, acquired = pipeline.execute()
+        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+            counted = self.get_moving_window(window_key, window_limit, window_expiry)[1]
+            return counted <= window_limit - 1, self.acquire_entry(key, limit, expiry)
+        except self.base_exceptions as exc:
+            raise StorageError(exc) from exc
+        counted = int(window_state[1]) if window_state else 0
+        return counted <= window_limit - 1, bool(acquired)
+
+
 def _redis_storage(redis_url: str, prefix: str) -> RedisStorage:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -158,7 +193,7 @@ def _redis_storage(redis_url: str, prefix: str) -> RedisStorage:
     scheme = urlsplit(redis_url).scheme
     if scheme == "unix":  # limits spells a Unix socket redis+unix://
         redis_url = "redis+unix" + redis_url[len("unix"):]
-    return RedisStorage(
+    return _RedisStorage(
         redis_url,
         key_prefix=prefix,
         wrap_exceptions=True,
@@ -206,18 +241,45 @@ class Limiter:
     # -- the checks -------------------------------------------------------------------------
 
     def hit_token(self, client_id: str) -> None:
-        item = self._token_clients.get(client_id, self._token)
         with self._guard():
-            self._hit_or_raise(item, _key(client_id), "the /token rate limit of this client")
+            self._hit_or_raise(*self._endpoint_limit("token", client_id))
 
     def hit_introspect(self, client_id: str) -> None:
         with self._guard():
-            self._hit_or_raise(self._introspect, _key(client_id),
-                               "the /introspect rate limit of this client")
+            self._hit_or_raise(*self._endpoint_limit("introspect", client_id))
 
-    def check_failed_auth(self, address: str) -> None:
-        """Before authenticating: refuse an address that has already failed
-        ``failed_client_auth`` times in the period. Counts nothing.
+    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:
+        """After ``client_id`` authenticated from ``address``: refuse the request if the address
+        is over its failed-authentication limit (right credentials or not), and count it
+        against the client's limit for ``endpoint`` ("token", "introspect", or None for
+        none). With Redis, both in one round trip; a refused request still counts."""
+        identifier = _address(address)
+        with self._guard():
+            if endpoint is None:
+                address_open, admitted = self.strategy.test(self._failed_address, identifier), True
+            else:
+                item, key, what = self._endpoint_limit(endpoint, client_id)
+                window = (self._failed_address.key_for(identifier), self._failed_address.amount,
+                          self._failed_address.get_expiry())
+                if isinstance(self.storage, _RedisStorage):
+                    address_open, admitted = self.storage.test_and_acquire(
+                        window, (item.key_for(key), item.amount, item.get_expiry()))
+                else:
+                    address_open = self.strategy.test(self._failed_address, identifier)
+                    admitted = self.strategy.hit(item, key)
+            if not address_open:
+                raise self._refusal(self._failed_address, (identifier,), _FAILED_AUTH)
+            if not admitted:
+                raise self._refusal(item, (key,), what)
+
+    def _endpoint_limit(self, endpoint: str, client_id: str) -> tuple[RateLimitItem, str, str]:
+        """The limit, key and description of ``client_id``'s calls to ``endpoint``."""
+        item = (self._token_clients.get(client_id, self._token) if endpoint == "token"
+                else self._introspect)
+        return item, _key(client_id), f"the /{endpoint} rate limit of this client"
+
+    def record_failed_auth(self, address: str) -> None:
+        """After a failed authentication: one more for the address; 429 once it is over.
 
         One counter serves both limits of the contract ("per source address, and per client id
         from one address"): every failure counts for its address, so the failures of any one
@@ -225,15 +287,7 @@ class Limiter:
         same ``failed_client_auth``. A second counter would cost a look-up per request (a
         Redis round trip on a shared deployment) and could never refuse anything more."""
         with self._guard():
-            identifier = _address(address)
-            if not self.strategy.test(self._failed_address, identifier):
-                raise self._refusal(self._failed_address, (identifier,),
-                                    "too many failed client authentications from this address")
-
-    def record_failed_auth(self, address: str) -> None:
-        """After a failed authentication: one more for the address."""
-        with self._guard():
-            self.strategy.hit(self._failed_address, _address(address))
+            self._hit_or_raise(self._failed_address, _address(address), _FAILED_AUTH)
 
     def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:
         """Count one gateway call for the token family and for the connection.
@@ -329,7 +383,7 @@ class NoLimits:
     def hit_introspect(self, client_id: str) -> None:
         pass
 
-    def check_failed_auth(self, address: str) -> None:
+    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:
         pass
 
     def record_failed_auth(self, address: str) -> None:

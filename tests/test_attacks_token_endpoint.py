@@ -20,9 +20,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import redis
 
 from provider import config, create_app
 from provider.service import initialize
+from tests.conftest import REDIS_URL
 from tests.support import (
     ACCESS_TOKEN_TYPE,
     EXCHANGE,
@@ -395,13 +397,17 @@ def test_failure_looks_the_same_for_unknown_client_and_wrong_secret(ctx, auth_sh
     assert "no-such-client" not in unknown.get_data(as_text=True)
 
 
-@pytest.fixture
-def flood_app(tmp_path, vault_keys):
-    """A provider of its own: the shared one's counters must not see this test's failures."""
+@pytest.fixture(params=["memory"] + (["redis"] if REDIS_URL else []))
+def flood_app(request, tmp_path, vault_keys):
+    """A provider of its own: the shared one's counters must not see this test's failures.
+    Its limits in memory, and with Redis (one round trip checks address and client at once)."""
     shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
     overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/flood.db",
                  "keys_dir": str(tmp_path / "keys"),
                  "rate_limits": {"failed_client_auth": "3/minute"}}
+    if request.param == "redis":
+        redis.Redis.from_url(REDIS_URL).flushdb()  # same issuer as other tests: same keys
+        overrides["redis_url"] = REDIS_URL
     initialize(config.load(overrides=overrides))
     application = create_app(overrides)
     yield application

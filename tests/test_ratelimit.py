@@ -175,39 +175,102 @@ def test_retry_after_is_when_the_oldest_call_leaves_the_window(storage: str) -> 
 # -- failed client authentication -------------------------------------------------------------
 
 
-def test_failed_auth_check_counts_nothing(storage: str) -> None:
+def test_admitting_an_authenticated_client_counts_no_failure(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(10):
-        limiter.check_failed_auth("192.0.2.1")
+        limiter.admit("192.0.2.1", "client-a")
 
 
 def test_failed_auth_per_address(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(3):  # failures of any client ids from one address
-        limiter.check_failed_auth("192.0.2.1")
+        limiter.admit("192.0.2.1", "client-a")
         limiter.record_failed_auth("192.0.2.1")
     for _ in range(2):  # then every attempt from that address, whoever it claims to be
-        error = refused(limiter.check_failed_auth, "192.0.2.1")
+        error = refused(limiter.admit, "192.0.2.1", "client-a")
         assert "failed client authentications" in error.description
         assert "192.0.2.1" not in error.description
-    limiter.check_failed_auth("192.0.2.2")  # another address is not refused
+    limiter.admit("192.0.2.2", "client-a")  # another address is not refused
 
 
 def test_failed_auth_per_client_id_from_one_address(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(3):
         limiter.record_failed_auth("192.0.2.1")
-    refused(limiter.check_failed_auth, "192.0.2.1")
+    refused(limiter.admit, "192.0.2.1", "client-a")
     # The client is not locked out from everywhere by one address's guesses.
-    limiter.check_failed_auth("192.0.2.9")
+    limiter.admit("192.0.2.9", "client-a")
 
 
 def test_failed_auth_counts_an_ipv6_host_by_its_64(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for host in ("1", "2", "3"):
         limiter.record_failed_auth(f"2001:db8:1:2::{host}")
-    refused(limiter.check_failed_auth, "2001:db8:1:2:ffff::4")
-    limiter.check_failed_auth("2001:db8:1:3::1")
+    refused(limiter.admit, "2001:db8:1:2:ffff::4", "client-a")
+    limiter.admit("2001:db8:1:3::1", "client-a")
+
+
+def test_the_failure_that_crosses_the_limit_is_refused(storage: str) -> None:
+    limiter = Limiter(settings(), storage)
+    for _ in range(3):
+        limiter.record_failed_auth("192.0.2.1")
+    assert "failed client authentications" in refused(
+        limiter.record_failed_auth, "192.0.2.1").description
+
+
+# -- admit: after authentication, the address and the endpoint's limit at once ----------------
+
+
+def test_admit_refuses_a_closed_address_though_the_client_has_room(storage: str) -> None:
+    limiter = Limiter(settings(), storage)
+    for _ in range(3):
+        limiter.record_failed_auth("192.0.2.1")
+    for endpoint in ("token", "introspect", None):
+        error = refused(limiter.admit, "192.0.2.1", "client-a", endpoint)
+        assert "failed client authentications" in error.description
+        assert int(error.headers["Retry-After"]) >= 1
+    limiter.admit("192.0.2.2", "client-a", "token")  # the client from elsewhere is let in
+
+
+def test_admit_counts_in_the_endpoint_limit_of_the_client(storage: str) -> None:
+    limiter = Limiter(settings(clients={"bulk": "5/minute"}), storage)
+    limiter.admit("192.0.2.1", "client-a", "token")
+    limiter.hit_token("client-a")  # one window, whichever way it is counted
+    limiter.admit("192.0.2.9", "client-a", "token")
+    error = refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    assert "/token" in error.description and "3/minute" in error.description
+    for _ in range(3):
+        limiter.admit("192.0.2.1", "client-a", "introspect")  # a limit of its own
+    assert "/introspect" in refused(limiter.admit, "192.0.2.1", "client-a", "introspect").description
+    for _ in range(5):
+        limiter.admit("192.0.2.1", "bulk", "token")  # the per-client override applies
+    refused(limiter.admit, "192.0.2.1", "bulk", "token")
+    for _ in range(10):
+        limiter.admit("192.0.2.1", "client-b", None)  # no endpoint: counts nothing
+
+
+def test_admit_sees_failures_another_instance_counted(redis_url: str) -> None:
+    shared = settings()
+    first, second = Limiter(shared, redis_url), Limiter(shared, redis_url)
+    for _ in range(3):
+        first.record_failed_auth("192.0.2.1")
+    refused(second.admit, "192.0.2.1", "client-a", "token")  # refused, and counted
+    second.admit("192.0.2.2", "client-a", "token")
+    first.admit("192.0.2.2", "client-a", "token")
+    refused(second.admit, "192.0.2.2", "client-a", "token")  # the client's 4th, on either
+
+
+def test_admit_reloads_its_scripts_when_redis_forgot_them(redis_url: str) -> None:
+    limiter = Limiter(settings(), redis_url)
+    limiter.admit("192.0.2.1", "client-a", "token")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.script_flush()
+    finally:
+        client.close()
+    limiter.admit("192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token")
+    refused(limiter.admit, "192.0.2.1", "client-a", "token")
 
 
 # -- gateway ----------------------------------------------------------------------------------
@@ -276,7 +339,7 @@ def test_two_instances_on_one_redis_share_counts(redis_url: str) -> None:
     first.record_failed_auth("192.0.2.1")
     second.record_failed_auth("192.0.2.1")
     first.record_failed_auth("192.0.2.1")
-    refused(second.check_failed_auth, "192.0.2.1")
+    refused(second.admit, "192.0.2.1", "client-a")
     # Another deployment on the same Redis (another issuer) counts apart.
     Limiter(settings(), redis_url).hit_token("client-a")
 
@@ -307,7 +370,7 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
         calls = [
             (limiter.hit_token, ("client-a",)),
             (limiter.hit_introspect, ("client-a",)),
-            (limiter.check_failed_auth, ("192.0.2.1",)),
+            (limiter.admit, ("192.0.2.1", "client-a", "token")),
             (limiter.record_failed_auth, ("192.0.2.1",)),
             (limiter.hit_gateway, ("family", "conn", "drive")),
         ]
@@ -319,7 +382,7 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
                                          "error_description": "rate limits cannot be checked right now"}
         server.start()  # same port: the instance recovers without a restart
         limiter.hit_token("client-a")
-        limiter.check_failed_auth("192.0.2.1")
+        limiter.admit("192.0.2.1", "client-a")
         assert limiter.hit_gateway("family", "conn", "drive") == Verdict()
     finally:
         server.stop()

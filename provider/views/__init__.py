@@ -26,20 +26,21 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
     return response
 
 
-def authenticated_client(credentials: dict[str, Any]) -> Client:
+def authenticated_client(credentials: dict[str, Any], counted_as: str | None = None) -> Client:
     """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker:
-    an address that failed too often is refused before its credentials are even looked at, and
-    every failure counts."""
+    every failure counts for its address, and an address over its limit is refused (429)
+    whether its credentials are right or wrong. ``counted_as`` ("token", "introspect") also
+    counts the request against the client's limit for that endpoint, in the same round trip."""
     p = provider()
     address = request.remote_addr or "-"
-    p.limiter.check_failed_auth(address)
     try:
         client = authenticate(p, credentials, request.headers.get("Authorization"),
                               request.remote_addr, lambda: request.base_url)
     except InvalidClient:
-        p.limiter.record_failed_auth(address)
+        p.limiter.record_failed_auth(address)  # 429 instead, once the address is over
         raise
     g.client_id = client.client_id
+    p.limiter.admit(address, client.client_id, counted_as)
     return client
 
 

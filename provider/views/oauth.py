@@ -20,8 +20,7 @@ _token_request = TokenRequest()
 @bp.post("/token")
 def token():
     form = read_form()
-    client = authenticated_client(form)
-    provider().limiter.hit_token(client.client_id)
+    client = authenticated_client(form, counted_as="token")
     jkt = None
     if "DPoP" in request.headers:
         jkt = provider().dpop.verify(request.headers.getlist("DPoP"), method="POST",
@@ -34,10 +33,9 @@ def token():
 @bp.post("/introspect")
 def introspection():
     form = read_form()
-    client = authenticated_client(form)
+    client = authenticated_client(form, counted_as="introspect")
     if not client.can_introspect:
         raise Forbidden("this client may not introspect tokens")
-    provider().limiter.hit_introspect(client.client_id)
     params = load(_token_request, form)
     answer = introspect(provider(), params["token"])
     provider().event("introspection", client_id=client.client_id, active=answer["active"],
