@@ -23,6 +23,7 @@ from provider import config, create_app
 from provider.service import initialize
 from provider.vault import Vault
 from tests.support import ISSUER, OAuth
+from tests.upstream import FakeUpstream
 
 PG_URL = os.environ.get("PROVIDER_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("PROVIDER_TEST_REDIS_URL")
@@ -113,3 +114,10 @@ def oauth(app: Any, client: Any) -> OAuth:
 
 
 on_every_backend = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(name="upstream")
+def upstream_fixture() -> Iterator[FakeUpstream]:
+    """A running :class:`tests.upstream.FakeUpstream`, stopped after the test."""
+    with FakeUpstream().start() as fake:
+        yield fake

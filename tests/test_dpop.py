@@ -14,7 +14,6 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from tests.support import ACCESS_TOKEN_TYPE, claims_of
 from tests.test_gateway import REDIRECT, connect, settings_overrides  # noqa: F401
-from tests.upstream import upstream_fixture  # noqa: F401
 
 TOKEN_URL = "http://localhost/token"
 

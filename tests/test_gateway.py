@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from provider.storage import schema
 from tests.support import REFRESH_TOKEN_TYPE, claims_of
-from tests.upstream import upstream_fixture  # noqa: F401
 
 GATEWAY = "http://localhost/gateway/drive"
 REDIRECT = "https://app.example/callback"

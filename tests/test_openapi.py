@@ -59,7 +59,7 @@ from tests.support import (
     OAuth,
     Registered,
 )
-from tests.upstream import FakeUpstream, upstream_fixture  # noqa: F401
+from tests.upstream import FakeUpstream
 
 OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

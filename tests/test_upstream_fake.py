@@ -7,18 +7,21 @@ import http.client
 import json
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from werkzeug.test import Client
 
-from tests.upstream import FakeUpstream, big_body, pkce_challenge, stream_body, upstream_fixture  # noqa: F401
+from tests.upstream import FakeUpstream, big_body, pkce_challenge, stream_body
 
 REDIRECT_URI = "https://provider.test/callback"
 
@@ -292,3 +295,12 @@ def test_wsgi_app_works_without_a_server() -> None:
     assert reply.json == {"ok": True, "method": "GET", "path": "/api/plain", "query": "a=b"}
     with pytest.raises(RuntimeError):
         _ = fake.url
+
+
+def test_the_fake_upstream_imports_nothing_make_run_does_not_install():
+    """The README's worked example runs ``python -m tests.upstream`` in the venv ``make run``
+    made, which has no test dependencies."""
+    blocked = "import sys\nfor name in ('pytest', 'hypothesis', 'schemathesis', 'joserfc'):\n" \
+              "    sys.modules[name] = None\nimport tests.upstream\n"
+    subprocess.run([sys.executable, "-c", blocked], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)

@@ -20,9 +20,9 @@ through real sockets, redirects, chunked bodies and timeouts:
     :func:`stream_body` and :func:`big_body` for the exact bytes), ``/api/echo`` answers the
     request body back; any other path answers ``{"ok": true, "method", "path", "query"}``.
 
-Use it as ``with FakeUpstream().start() as fake: ...`` or through the ``upstream`` fixture::
-
-    from tests.upstream import upstream_fixture  # noqa: F401
+Use it as ``with FakeUpstream().start() as fake: ...`` or through the ``upstream`` fixture
+(``tests/conftest.py``). It needs only what ``make run`` installs: the README's worked example
+runs it with ``python -m tests.upstream``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote_plus, urlencode, urlsplit, urlunsplit
 
-import pytest
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
@@ -408,13 +407,6 @@ class FakeUpstream:
                             content_type=request.headers.get("Content-Type", "application/octet-stream"))
         return _json({"ok": True, "method": request.method, "path": raw_path, "query": query}, 200,
                      {"Set-Cookie": "upstream_session=secret", "X-Upstream": "yes"})
-
-
-@pytest.fixture(name="upstream")
-def upstream_fixture() -> Iterator[FakeUpstream]:
-    """A running :class:`FakeUpstream`, stopped after the test."""
-    with FakeUpstream().start() as fake:
-        yield fake
 
 
 def main() -> None:
