@@ -85,3 +85,15 @@ def test_the_database_spends_an_id_once_until_it_expires_even_when_raced(app):
     with ThreadPoolExecutor(8) as pool:
         wins = list(pool.map(lambda _: storage.claim_once("raced", now + 60), range(16)))
     assert wins.count(True) == 1
+
+
+def test_an_sqlite_too_old_for_the_upsert_is_refused_at_start_naming_the_setting(monkeypatch):
+    import sqlite3
+
+    from provider.config import ConfigError
+    from provider.storage import create_engine
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(ConfigError, match=r"SQLite 3\.34\.1 is too old for database_url"):
+        create_engine("sqlite:///:memory:")

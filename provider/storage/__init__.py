@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from provider.config import ConfigError
 from provider.storage import schema
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 AUDIT_ROWS_PER_STATEMENT = 100  # 7 values each: far below any backend's limit
+MIN_SQLITE = (3, 35)  # INSERT ... RETURNING
 
 
 @functools.cache
@@ -56,6 +59,9 @@ def _claim_once(dialect: str) -> sa.Insert:
 def create_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite files get WAL, a busy timeout and their folder created."""
     if url.startswith("sqlite"):
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise ConfigError(f"SQLite {sqlite3.sqlite_version} is too old for database_url: "
+                              f"{'.'.join(map(str, MIN_SQLITE))} or newer is needed (RETURNING)")
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
