@@ -9,7 +9,9 @@ Four kinds of limit (``[rate_limits]`` in the config):
   that crosses the limit is answered 429. A client that authenticates is refused too while
   its address is over: checked after authenticating, in the same round trip to Redis as the
   endpoint's own limit (:meth:`Limiter.admit`), so the hot path pays one Redis call, not two.
-  Whether the credentials of a refused request were right is never told;
+  A process that has seen an address closed refuses it before authenticating, until its
+  window reopens (:meth:`Limiter.refuse_known_closed`): whether a refused request's
+  credentials were right is told neither by the answer nor by its timing;
 - gateway calls per token family (``gateway``) and per connection (the upstream's
   ``rate_limit``, default ``gateway``).
 
@@ -58,6 +60,7 @@ from provider.errors import OAuthError, TemporarilyUnavailable
 log = logging.getLogger("provider.ratelimit")
 
 _FAILED_AUTH = "too many failed client authentications from this address"
+_MAX_KNOWN_CLOSED = 10000  # addresses a process remembers as closed
 REDIS_SOCKET_TIMEOUT = 1.0
 """Seconds a Redis command may take before the check fails closed."""
 
@@ -231,12 +234,31 @@ class Limiter:
             _item(limits.gateway, "gw-conn"), _item(limits.suspend_gateway, "gw-conn-suspend"))
         self._failing = False
         self._failing_lock = threading.Lock()
+        self._closed: dict[str, float] = {}  # address key -> monotonic time it may retry
 
     def after_fork(self) -> None:
         """Give a forked worker fresh in-process counts (redis-py reconnects by itself)."""
+        self._closed = {}
         if isinstance(self.storage, MemoryStorage):
             self.storage = _MemoryStorage()
             self.strategy = MovingWindowRateLimiter(self.storage)
+
+    def refuse_known_closed(self, address: str) -> None:
+        """Before authenticating: refuse an address this process has seen over its
+        failed-authentication limit, without looking at its credentials or asking the
+        storage. Only the first request from a closed address in each process goes on to
+        authenticate (and is refused alike, right credentials or wrong): no stream of timings
+        can tell a guesser which of its guesses was right."""
+        identifier = _address(address)
+        until = self._closed.get(identifier)
+        if until is None:
+            return
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            self._closed.pop(identifier, None)
+            return
+        raise RateLimited(_describe_refusal(_FAILED_AUTH, self._failed_address),
+                          math.ceil(remaining))
 
     # -- the checks -------------------------------------------------------------------------
 
@@ -268,7 +290,7 @@ class Limiter:
                     address_open = self.strategy.test(self._failed_address, identifier)
                     admitted = self.strategy.hit(item, key)
             if not address_open:
-                raise self._refusal(self._failed_address, (identifier,), _FAILED_AUTH)
+                raise self._closed_address(identifier)
             if not admitted:
                 raise self._refusal(item, (key,), what)
 
@@ -286,8 +308,10 @@ class Limiter:
         client id from an address never outnumber the address's own, and both limits are the
         same ``failed_client_auth``. A second counter would cost a look-up per request (a
         Redis round trip on a shared deployment) and could never refuse anything more."""
+        identifier = _address(address)
         with self._guard():
-            self._hit_or_raise(self._failed_address, _address(address), _FAILED_AUTH)
+            if not self.strategy.hit(self._failed_address, identifier):
+                raise self._closed_address(identifier)
 
     def hit_gateway(self, family: str, connection_id: str, upstream: str) -> Verdict:
         """Count one gateway call for the token family and for the connection.
@@ -325,8 +349,19 @@ class Limiter:
     def _refusal(self, item: RateLimitItem, identifiers: tuple[str, ...], what: str) -> RateLimited:
         reset = self.strategy.get_window_stats(item, *identifiers).reset_time
         retry_after = max(1, math.ceil(reset - time.time()))
-        return RateLimited(f"rate limited: {what} ({_describe(item)}) is exceeded; retry later",
-                           retry_after)
+        return RateLimited(_describe_refusal(what, item), retry_after)
+
+    def _closed_address(self, identifier: str) -> RateLimited:
+        """The refusal for an address over its failed-authentication limit, remembered in this
+        process until the window lets it in again (see :meth:`refuse_known_closed`)."""
+        refusal = self._refusal(self._failed_address, (identifier,), _FAILED_AUTH)
+        if len(self._closed) >= _MAX_KNOWN_CLOSED:
+            now = time.monotonic()
+            self._closed = {k: t for k, t in self._closed.items() if t > now}
+            if len(self._closed) >= _MAX_KNOWN_CLOSED:
+                self._closed.clear()  # a flood of addresses: forget, and ask the storage again
+        self._closed[identifier] = time.monotonic() + refusal.retry_after
+        return refusal
 
     def _guard(self) -> _Guard:
         return _Guard(self)
@@ -366,6 +401,10 @@ class _Guard:
         return False
 
 
+def _describe_refusal(what: str, item: RateLimitItem) -> str:
+    return f"rate limited: {what} ({_describe(item)}) is exceeded; retry later"
+
+
 def _describe(item: RateLimitItem) -> str:
     unit = {1: "second", 60: "minute", 3600: "hour"}[item.get_expiry()]
     return f"{item.amount}/{unit}"
@@ -381,6 +420,9 @@ class NoLimits:
         pass
 
     def hit_introspect(self, client_id: str) -> None:
+        pass
+
+    def refuse_known_closed(self, address: str) -> None:
         pass
 
     def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:

@@ -429,3 +429,22 @@ def test_a_flood_of_failed_logins_closes_the_address_even_to_the_right_secret(fl
     elsewhere = other.post("/token", data={"grant_type": "client_credentials"},
                            headers=victim.basic, environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert elsewhere.status_code == 200
+
+
+def test_a_closed_address_is_refused_without_its_credentials_being_looked_at(flood_app,
+                                                                              monkeypatch):
+    """Once this process has seen the address closed, right and wrong secrets are refused alike
+    and before any work that depends on them: no timing tells a guesser which guess was right."""
+    flood = OAuth(flood_app, flood_app.test_client())
+    victim = flood.register("victim")
+    wrong = Registered("victim", "not-the-secret")
+    for _ in range(3):
+        assert flood.token(wrong).status_code == 401
+    assert flood.token(wrong).status_code == 429  # the failure that crosses the limit
+
+    def looked_at(*args, **kwargs):
+        raise AssertionError("the credentials of a closed address were looked at")
+
+    monkeypatch.setattr("provider.views.authenticate", looked_at)
+    for attempt in (wrong, victim, wrong):
+        assert flood.token(attempt).status_code == 429

@@ -218,6 +218,44 @@ def test_the_failure_that_crosses_the_limit_is_refused(storage: str) -> None:
         limiter.record_failed_auth, "192.0.2.1").description
 
 
+def test_an_address_seen_closed_is_refused_before_authentication_without_asking_storage(
+        storage: str) -> None:
+    limiter = Limiter(settings(), storage)
+    limiter.refuse_known_closed("192.0.2.1")  # nothing known yet
+    for _ in range(3):
+        limiter.record_failed_auth("192.0.2.1")
+    limiter.refuse_known_closed("192.0.2.1")  # at the limit, not over it
+    refused(limiter.record_failed_auth, "192.0.2.1")  # over: now known closed
+    limiter.strategy = None  # any look-up from here on would fail
+    error = refused(limiter.refuse_known_closed, "192.0.2.1")
+    assert "failed client authentications" in error.description
+    assert 1 <= int(error.headers["Retry-After"]) <= 60
+    limiter.refuse_known_closed("192.0.2.2")
+
+
+def test_an_address_admit_found_closed_is_known_closed(storage: str) -> None:
+    shared = settings()
+    limiter = Limiter(shared, storage)
+    for _ in range(3):
+        limiter.record_failed_auth("192.0.2.1")
+    if storage:  # with Redis, learnt from another instance's failures too
+        other = Limiter(shared, storage)
+        refused(other.admit, "192.0.2.1", "client-a", "token")
+        refused(other.refuse_known_closed, "192.0.2.1")
+    refused(limiter.admit, "192.0.2.1", "client-a", None)
+    refused(limiter.refuse_known_closed, "192.0.2.1")
+
+
+def test_what_a_process_knows_closed_ends_with_the_window(storage: str) -> None:
+    limiter = Limiter(settings(failed_client_auth="1/second"), storage)
+    limiter.record_failed_auth("192.0.2.1")
+    refused(limiter.record_failed_auth, "192.0.2.1")
+    refused(limiter.refuse_known_closed, "192.0.2.1")
+    time.sleep(1.1)
+    limiter.refuse_known_closed("192.0.2.1")
+    limiter.admit("192.0.2.1", "client-a", "token")
+
+
 # -- admit: after authentication, the address and the endpoint's limit at once ----------------
 
 

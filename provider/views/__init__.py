@@ -29,10 +29,12 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
 def authenticated_client(credentials: dict[str, Any], counted_as: str | None = None) -> Client:
     """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker:
     every failure counts for its address, and an address over its limit is refused (429)
-    whether its credentials are right or wrong. ``counted_as`` ("token", "introspect") also
+    whether its credentials are right or wrong, before they are looked at once this process
+    has seen it closed. ``counted_as`` ("token", "introspect") also
     counts the request against the client's limit for that endpoint, in the same round trip."""
     p = provider()
     address = request.remote_addr or "-"
+    p.limiter.refuse_known_closed(address)
     try:
         client = authenticate(p, credentials, request.headers.get("Authorization"),
                               request.remote_addr, lambda: request.base_url)
