@@ -203,9 +203,12 @@ def check_public_jwks(jwks: Any) -> dict[str, Any]:
         if _PRIVATE_JWK_MEMBERS & set(key):
             raise RegistrationError("the JWKS file holds private key material: publish public keys only")
     try:
-        jwt.PyJWKSet.from_dict(jwks)
+        keys = jwt.PyJWKSet.from_dict(jwks).keys
     except jwt.PyJWTError as exc:
         raise RegistrationError(f"the JWKS file is not a valid JWK Set: {exc}") from None
+    for key in keys:
+        if key.Algorithm.check_key_length(key.key):  # RFC 7518 §3.3: RSA of 2048 bits or more
+            raise RegistrationError("client RSA keys must be 2048 bits or larger")
     return jwks
 
 

@@ -73,7 +73,10 @@ class Unverified:
             raise JWSInvalid()
         try:
             signature = b64url_decode(self.signature_segment)
-            valid = algorithm.verify(self.signing_input, algorithm.prepare_key(key), signature)
+            prepared = algorithm.prepare_key(key)
+            # RFC 7518 §3.3: RSA keys under 2048 bits are refused (PyJWT's decode only warns).
+            valid = (algorithm.check_key_length(prepared) is None
+                     and algorithm.verify(self.signing_input, prepared, signature))
         except (PyJWTError, ValueError, TypeError):  # a wrong key type or curve, bad base64
             raise JWSInvalid() from None
         if not valid:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
@@ -54,6 +56,9 @@ FORGERY = _AnyHeader(algorithms=["none", "HS256", "ES256", "RS256"])
 CLIENT_KEY = ECKey.generate_key("P-256", parameters={"kid": "client-key-1"})
 OTHER_KEY = ECKey.generate_key("P-256")
 OTHER_RSA = RSAKey.generate_key(2048)
+with warnings.catch_warnings():  # joserfc warns of the short key, which is the point
+    warnings.simplefilter("ignore")
+    SHORT_RSA = RSAKey.import_key(rsa.generate_private_key(public_exponent=65537, key_size=1024))  # noqa: S505
 
 
 def public_jwk(key: Any) -> dict[str, Any]:
@@ -281,6 +286,8 @@ def test_secret_client_cannot_authenticate_with_an_assertion(client, oauth):
                  id="ec-key-not-on-curve"),
     pytest.param({"keys": "not-a-list"}, id="keys-not-a-list"),
     pytest.param([public_jwk(CLIENT_KEY)], id="not-a-jwk-set"),
+    # RFC 7518 §3.3: RSA keys of 2048 bits or more.
+    pytest.param({"keys": [public_jwk(SHORT_RSA)]}, id="rsa-1024"),
 ])
 def test_registration_refuses_unusable_client_jwks(oauth, jwks):
     client_id = unique("pkj")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import time
 from typing import Any
@@ -90,7 +91,35 @@ HOSTILE = {
     "future-iat": lambda k: proof(k, iat=time.time() + 600),
     "string-iat": lambda k: _string_iat(k),
     "garbage": lambda k: "not.a.proof",
+    # RFC 7518 §3.3: an RSA key must be 2048 bits or larger; a short one is refused, not warned of.
+    "rsa-1024": lambda k: proof(_short_rsa(), alg="RS256"),
+    # The alg fixes the curve: a P-384 key under ES256 is refused.
+    "p384-key-as-es256": lambda k: _p384_as_es256(),
 }
+
+
+def _short_rsa():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return RSAKey.import_key(rsa.generate_private_key(public_exponent=65537, key_size=1024))  # noqa: S505
+
+
+def _p384_as_es256():
+    """A proof that says ES256 but is signed, and carries a jwk, on P-384."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = ECKey.generate_key("P-384")
+    header = {"alg": "ES256", "typ": "dpop+jwt", "jwk": key.as_dict(private=False)}
+    body = {"jti": secrets.token_urlsafe(12), "htm": "POST", "htu": TOKEN_URL,
+            "iat": int(time.time())}
+    segments = [base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+                for part in (header, body)]
+    signing_input = ".".join(segments).encode()
+    r, s = decode_dss_signature(key.private_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    signature = base64.urlsafe_b64encode(r.to_bytes(48, "big") + s.to_bytes(48, "big"))
+    return f"{signing_input.decode()}.{signature.rstrip(b'=').decode()}"
 
 
 def _string_iat(key):
@@ -99,6 +128,7 @@ def _string_iat(key):
     return jose_jwt.encode(header, body, key)
 
 
+@pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")  # the short RSA key
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_proofs_are_invalid_dpop_proof(oauth, svc, key, case):
     response = oauth.post("/token", svc, {"grant_type": "client_credentials"},
