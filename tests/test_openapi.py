@@ -887,6 +887,20 @@ LINKED_SUCCESSES: list[tuple[str, int, Flow]] = [
     ("gateway with a DPoP-bound token and proof", 200, lambda w, m: w.bound_call()),
 ]
 
+
+def with_limits_down(world: Any, monkeypatch: pytest.MonkeyPatch, method: str) -> Any:
+    """``method`` on a deposited connection once the rate limits' store answers with a
+    connection error (Redis gone)."""
+    connection_id = world.deposited()["connection_id"]
+
+    def refused(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionRefusedError("simulated outage")
+
+    for name in ("test", "hit"):
+        monkeypatch.setattr(world.oauth.provider.limiter.strategy, name, refused)
+    return world.connection(connection_id, method=method)
+
+
 LINKED_ERRORS: list[tuple[str, int, str, Flow]] = [
     # POST /connections
     ("deposit of a form body", 400, "invalid_request",
@@ -933,6 +947,10 @@ LINKED_ERRORS: list[tuple[str, int, str, Flow]] = [
          "client_secret": w.vault_post.secret}).get_json()["connection_id"])),
     ("deleting an unknown connection", 404, "not_found",
      lambda w, m: w.connection("unknown", method="DELETE")),
+    ("a connection while the rate-limit store is down", 503, "temporarily_unavailable",
+     lambda w, m: with_limits_down(w, m, "GET")),
+    ("deleting a connection while the rate-limit store is down", 503, "temporarily_unavailable",
+     lambda w, m: with_limits_down(w, m, "DELETE")),
     # POST /connect/{upstream}
     ("connect with an unregistered redirect_uri", 400, "invalid_request",
      lambda w, m: w.start(redirect_uri="https://evil.example/callback")),
