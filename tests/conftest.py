@@ -85,6 +85,22 @@ def vault_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, vault_keys: Path) -> dict[str, str]:
+    """A provider instance for the command line, in ``tmp_path``, named by PROVIDER_* variables
+    (the vault keys copied in: RSA-3072 generation is slow)."""
+    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
+    values = {
+        "PROVIDER_CONFIG": str(tmp_path / "instance" / "provider.toml"),
+        "PROVIDER_DATABASE_URL": f"sqlite:///{tmp_path}/instance/provider.db",
+        "PROVIDER_KEYS_DIR": str(tmp_path / "keys"),
+        "PROVIDER_ISSUER": "http://localhost",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+@pytest.fixture
 def app_config(database_url: str, tmp_path: Any, settings_overrides: dict[str, Any],
                vault_keys: Path) -> dict[str, Any]:
     shutil.copytree(vault_keys, tmp_path / "keys" / "vault")

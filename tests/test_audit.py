@@ -9,7 +9,6 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -407,20 +406,6 @@ def test_the_migration_creates_the_table_schema_py_declares(storage):
 
 
 # Command line -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch, vault_keys) -> dict[str, str]:
-    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
-    values = {
-        "PROVIDER_CONFIG": str(tmp_path / "instance" / "provider.toml"),
-        "PROVIDER_DATABASE_URL": f"sqlite:///{tmp_path}/instance/provider.db",
-        "PROVIDER_KEYS_DIR": str(tmp_path / "keys"),
-        "PROVIDER_ISSUER": "http://localhost",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
 
 
 def invoke(*args: str):

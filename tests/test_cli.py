@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +14,6 @@ from click.testing import CliRunner
 from provider import create_app
 from provider.cli import cli
 from tests.support import OAuth, Registered
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch, vault_keys) -> dict[str, str]:
-    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")  # RSA-3072 generation is slow
-    values = {
-        "PROVIDER_CONFIG": str(tmp_path / "instance" / "provider.toml"),
-        "PROVIDER_DATABASE_URL": f"sqlite:///{tmp_path}/instance/provider.db",
-        "PROVIDER_KEYS_DIR": str(tmp_path / "keys"),
-        "PROVIDER_ISSUER": "http://localhost",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
 
 
 def run(*args: str) -> dict | list:
