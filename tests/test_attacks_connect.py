@@ -18,7 +18,6 @@ subjects of its own.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import secrets
 import threading
@@ -40,6 +39,7 @@ from provider.storage import schema
 from provider.vault import VaultError
 from tests.support import FORM, ISSUER, Registered, claims_of
 from tests.test_attacks_gateway import GATEWAY, World, build_world, unique
+from tests.upstream import pkce
 
 REDIRECT = "https://app.example/callback"
 # What a refusal must not write. ``connect_requests`` is left out only where a row says so.
@@ -75,12 +75,6 @@ def table_state(world: World, tables: tuple[sa.Table, ...] = ALL_STATE) -> dict[
 def update(world: World, table: sa.Table, where: Any, **values: Any) -> None:
     with world.engine.begin() as connection:
         assert connection.execute(sa.update(table).where(where).values(**values)).rowcount == 1
-
-
-def pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def local(url: str) -> str:

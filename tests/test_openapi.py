@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import re
-import secrets
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +58,7 @@ from tests.support import (
     OAuth,
     Registered,
 )
-from tests.upstream import FakeUpstream
+from tests.upstream import FakeUpstream, pkce
 
 OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -658,12 +657,6 @@ def upstream_settings(upstream: FakeUpstream) -> dict[str, Any]:
             "client_secret": upstream.client_secret, "scopes": ["files.read"], "routes": ROUTES}},
         "gateway": {"read_timeout": 1},  # so that the 504 row waits one second, not thirty
     }
-
-
-def pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def local(url: str) -> str:
