@@ -262,14 +262,6 @@ class Limiter:
 
     # -- the checks -------------------------------------------------------------------------
 
-    def hit_token(self, client_id: str) -> None:
-        with self._guard():
-            self._hit_or_raise(*self._endpoint_limit("token", client_id))
-
-    def hit_introspect(self, client_id: str) -> None:
-        with self._guard():
-            self._hit_or_raise(*self._endpoint_limit("introspect", client_id))
-
     def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:
         """After ``client_id`` authenticated from ``address``: refuse the request if the address
         is over its failed-authentication limit (right credentials or not), and count it
@@ -342,10 +334,6 @@ class Limiter:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _hit_or_raise(self, item: RateLimitItem, identifier: str, what: str) -> None:
-        if not self.strategy.hit(item, identifier):
-            raise self._refusal(item, (identifier,), what)
-
     def _refusal(self, item: RateLimitItem, identifiers: tuple[str, ...], what: str) -> RateLimited:
         reset = self.strategy.get_window_stats(item, *identifiers).reset_time
         retry_after = max(1, math.ceil(reset - time.time()))
@@ -414,12 +402,6 @@ class NoLimits:
     """The limiter when ``rate_limits.enabled = false``: counts nothing, refuses nothing."""
 
     def after_fork(self) -> None:
-        pass
-
-    def hit_token(self, client_id: str) -> None:
-        pass
-
-    def hit_introspect(self, client_id: str) -> None:
         pass
 
     def refuse_known_closed(self, address: str) -> None:

@@ -103,6 +103,15 @@ def settings(upstreams: dict[str, Any] | None = None, **rate_limits: Any) -> con
     })
 
 
+def token_call(limiter: Limiter, client_id: str) -> None:
+    """A /token call of an authenticated client, as the endpoint counts it."""
+    limiter.admit("192.0.2.100", client_id, "token")
+
+
+def introspect_call(limiter: Limiter, client_id: str) -> None:
+    limiter.admit("192.0.2.100", client_id, "introspect")
+
+
 def refused(call, *args: Any) -> RateLimited:
     with pytest.raises(RateLimited) as info:
         call(*args)
@@ -115,14 +124,14 @@ def refused(call, *args: Any) -> RateLimited:
 def test_token_limit_then_429_with_retry_after(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(3):
-        limiter.hit_token("client-a")
-    error = refused(limiter.hit_token, "client-a")
+        token_call(limiter, "client-a")
+    error = refused(token_call, limiter, "client-a")
     assert error.status_code == 429
     assert error.body()["error"] == "temporarily_unavailable"
     assert 1 <= int(error.headers["Retry-After"]) <= 60
     assert "/token" in error.description and "3/minute" in error.description
     assert "client-a" not in error.description
-    limiter.hit_token("client-b")  # another client has its own count
+    token_call(limiter, "client-b")  # another client has its own count
 
 
 def test_refusal_renders_as_rfc6749_json_with_retry_after(storage: str) -> None:
@@ -132,7 +141,7 @@ def test_refusal_renders_as_rfc6749_json_with_retry_after(storage: str) -> None:
 
     @app.post("/token")
     def token():
-        limiter.hit_token("client-a")
+        token_call(limiter, "client-a")
         return {"ok": True}
 
     client = app.test_client()
@@ -147,29 +156,29 @@ def test_refusal_renders_as_rfc6749_json_with_retry_after(storage: str) -> None:
 def test_per_client_token_limit_overrides_the_default(storage: str) -> None:
     limiter = Limiter(settings(clients={"bulk": "5/minute", "tight": "1/minute"}), storage)
     for _ in range(5):
-        limiter.hit_token("bulk")
-    assert refused(limiter.hit_token, "bulk").description.count("5/minute") == 1
-    limiter.hit_token("tight")
-    refused(limiter.hit_token, "tight")
+        token_call(limiter, "bulk")
+    assert refused(token_call, limiter, "bulk").description.count("5/minute") == 1
+    token_call(limiter, "tight")
+    refused(token_call, limiter, "tight")
     for _ in range(3):
-        limiter.hit_token("other")
-    refused(limiter.hit_token, "other")
+        token_call(limiter, "other")
+    refused(token_call, limiter, "other")
 
 
 def test_introspect_limit_is_separate_from_token(storage: str) -> None:
     limiter = Limiter(settings(introspect="2/minute"), storage)
-    limiter.hit_introspect("rs")
-    limiter.hit_introspect("rs")
-    assert "/introspect" in refused(limiter.hit_introspect, "rs").description
-    limiter.hit_token("rs")
+    introspect_call(limiter, "rs")
+    introspect_call(limiter, "rs")
+    assert "/introspect" in refused(introspect_call, limiter, "rs").description
+    token_call(limiter, "rs")
 
 
 def test_retry_after_is_when_the_oldest_call_leaves_the_window(storage: str) -> None:
     limiter = Limiter(settings(token="1/second"), storage)
-    limiter.hit_token("client-a")
-    assert refused(limiter.hit_token, "client-a").headers["Retry-After"] == "1"
+    token_call(limiter, "client-a")
+    assert refused(token_call, limiter, "client-a").headers["Retry-After"] == "1"
     time.sleep(1.1)
-    limiter.hit_token("client-a")
+    token_call(limiter, "client-a")
 
 
 # -- failed client authentication -------------------------------------------------------------
@@ -273,7 +282,7 @@ def test_admit_refuses_a_closed_address_though_the_client_has_room(storage: str)
 def test_admit_counts_in_the_endpoint_limit_of_the_client(storage: str) -> None:
     limiter = Limiter(settings(clients={"bulk": "5/minute"}), storage)
     limiter.admit("192.0.2.1", "client-a", "token")
-    limiter.hit_token("client-a")  # one window, whichever way it is counted
+    limiter.admit("192.0.2.5", "client-a", "token")  # one window, whichever the address
     limiter.admit("192.0.2.9", "client-a", "token")
     error = refused(limiter.admit, "192.0.2.1", "client-a", "token")
     assert "/token" in error.description and "3/minute" in error.description
@@ -370,21 +379,21 @@ def test_suspension_is_reported_even_when_the_plain_limit_allows_the_call(storag
 def test_two_instances_on_one_redis_share_counts(redis_url: str) -> None:
     shared = settings()
     first, second = Limiter(shared, redis_url), Limiter(shared, redis_url)
-    first.hit_token("client-a")
-    second.hit_token("client-a")
-    first.hit_token("client-a")
-    refused(second.hit_token, "client-a")
+    token_call(first, "client-a")
+    token_call(second, "client-a")
+    token_call(first, "client-a")
+    refused(token_call, second, "client-a")
     first.record_failed_auth("192.0.2.1")
     second.record_failed_auth("192.0.2.1")
     first.record_failed_auth("192.0.2.1")
     refused(second.admit, "192.0.2.1", "client-a")
     # Another deployment on the same Redis (another issuer) counts apart.
-    Limiter(settings(), redis_url).hit_token("client-a")
+    token_call(Limiter(settings(), redis_url), "client-a")
 
 
 def test_redis_keys_are_namespaced_and_hide_identifiers(redis_url: str) -> None:
     shared = settings()
-    Limiter(shared, redis_url).hit_token("client-with-a-name")
+    token_call(Limiter(shared, redis_url), "client-with-a-name")
     client = redis.Redis.from_url(redis_url)
     try:
         keys = [k.decode() for k in client.scan_iter(match=key_prefix(shared.issuer) + ":*")]
@@ -403,11 +412,11 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
     server.start()
     try:
         limiter = Limiter(settings(), server.url)
-        limiter.hit_token("client-a")
+        token_call(limiter, "client-a")
         server.stop()
         calls = [
-            (limiter.hit_token, ("client-a",)),
-            (limiter.hit_introspect, ("client-a",)),
+            (token_call, (limiter, "client-a",)),
+            (introspect_call, (limiter, "client-a",)),
             (limiter.admit, ("192.0.2.1", "client-a", "token")),
             (limiter.record_failed_auth, ("192.0.2.1",)),
             (limiter.hit_gateway, ("family", "conn", "drive")),
@@ -419,7 +428,7 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
             assert info.value.body() == {"error": "temporarily_unavailable",
                                          "error_description": "rate limits cannot be checked right now"}
         server.start()  # same port: the instance recovers without a restart
-        limiter.hit_token("client-a")
+        token_call(limiter, "client-a")
         limiter.admit("192.0.2.1", "client-a")
         assert limiter.hit_gateway("family", "conn", "drive") == Verdict()
     finally:
@@ -429,7 +438,7 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
 def test_redis_unreachable_from_the_start_is_503_not_a_crash() -> None:
     limiter = Limiter(settings(), f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(TemporarilyUnavailable):
-        limiter.hit_token("client-a")
+        token_call(limiter, "client-a")
 
 
 # -- configuration ------------------------------------------------------------------------
