@@ -52,22 +52,6 @@ class Deployment:
     gateways: tuple[str, ...] = ()
 
 
-def _config(upstream: FakeUpstream) -> str:
-    return f"""
-[upstreams.drive]
-base_url = "{upstream.base_url}"
-authorize_url = "{upstream.authorize_url}"
-token_url = "{upstream.token_url}"
-client_id = "{upstream.client_id}"
-client_secret = "{upstream.client_secret}"
-scopes = ["files.read"]
-[[upstreams.drive.routes]]
-method = "GET"
-path = "/files/{{id}}"
-scope = "files:read"
-"""
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                vault_keys: Path) -> Iterator[Deployment]:
@@ -78,7 +62,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         for name in list(os.environ):
             if name.startswith("PROVIDER_") and not name.startswith("PROVIDER_TEST_"):
                 patch.delenv(name)
-        (base / "provider.toml").write_text(_config(upstream))
+        (base / "provider.toml").write_text(upstream.config_table())
         keys = base / "keys"
         shutil.copytree(vault_keys, keys / "vault")
         common = {"PROVIDER_DATABASE_URL": database_url, "PROVIDER_ISSUER": ISSUER,

@@ -235,6 +235,23 @@ class FakeUpstream:
 
     # --- token state ---------------------------------------------------------------------------
 
+    def config_table(self, name: str = "drive") -> str:
+        """The provider's ``[upstreams.<name>]`` table for this upstream: one route,
+        ``GET /files/{id}``, needing the internal scope ``files:read``."""
+        return f"""
+[upstreams.{name}]
+base_url = "{self.base_url}"
+authorize_url = "{self.authorize_url}"
+token_url = "{self.token_url}"
+client_id = "{self.client_id}"
+client_secret = "{self.client_secret}"
+scopes = ["files.read"]
+[[upstreams.{name}.routes]]
+method = "GET"
+path = "/files/{{id}}"
+scope = "files:read"
+"""
+
     def issue_tokens(self, expires_in: int | None = None, *, scope: str = "read write") -> dict[str, Any]:
         """Mint a live access/refresh token pair directly, as /token would answer it.
 
@@ -426,19 +443,7 @@ def main() -> None:
     fake = FakeUpstream().start(port)
     tokens = fake.issue_tokens()
     print(f"""fake upstream on {fake.url}; add to instance/provider.toml:
-
-[upstreams.drive]
-base_url = "{fake.base_url}"
-authorize_url = "{fake.authorize_url}"
-token_url = "{fake.token_url}"
-client_id = "{fake.client_id}"
-client_secret = "{fake.client_secret}"
-scopes = ["files.read"]
-[[upstreams.drive.routes]]
-method = "GET"
-path = "/files/{{id}}"
-scope = "files:read"
-
+{fake.config_table()}
 an upstream access token to deposit: {tokens["access_token"]}
 its refresh token: {tokens["refresh_token"]}
 (Ctrl-C stops it)""", flush=True)
