@@ -43,11 +43,14 @@ import hashlib
 import ipaddress
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 import redis.exceptions
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.errors import ConcurrentUpdateError, StorageError
@@ -161,25 +164,30 @@ def key_prefix(issuer: str) -> str:
 class _RedisStorage(RedisStorage):
     """``limits``' Redis storage, with one more operation: :meth:`test_and_acquire`."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._own = threading.local()  # each thread's connection for test_and_acquire
+
     def test_and_acquire(self, window: tuple[str, int, int],
                          acquire: tuple[str, int, int]) -> tuple[bool, bool]:
         """Whether the moving window ``window`` (key, limit, expiry) has room for one more,
         and whether one entry was acquired in ``acquire``: the same two scripts as
-        :meth:`get_moving_window` and :meth:`acquire_entry`, with the same arguments, sent in
-        one pipeline (one round trip instead of two)."""
+        :meth:`get_moving_window` and :meth:`acquire_entry`, with the same arguments, sent
+        together (one round trip instead of two)."""
         window_key, window_limit, window_expiry = window
         key, limit, expiry = acquire
         now = time.time()
-        pipeline = self.get_connection().pipeline(transaction=False)
-        # evalsha directly: a Script object in a pipeline first asks SCRIPT EXISTS, one more
-        # round trip. Redis knows the scripts after their first use through ``limits``; until
-        # then (and after a restart) the fallback below runs them that way, loading them.
-        pipeline.evalsha(self.lua_moving_window.sha, 1, self.prefixed_key(window_key),
-                         now - window_expiry, window_limit)
-        pipeline.evalsha(self.lua_acquire_moving_window.sha, 1, self.prefixed_key(key),
-                         now, limit, expiry, 1)
+        # EVALSHA directly: a Script object first asks SCRIPT EXISTS, one more round trip.
+        # Redis knows the scripts after their first use through ``limits``; until then (and
+        # after a restart) the fallback below runs them that way, loading them.
+        commands = (
+            ("EVALSHA", self.lua_moving_window.sha, 1, self.prefixed_key(window_key),
+             now - window_expiry, window_limit),
+            ("EVALSHA", self.lua_acquire_moving_window.sha, 1, self.prefixed_key(key),
+             now, limit, expiry, 1),
+        )
         try:
-            window_state, acquired = pipeline.execute()
+            window_state, acquired = self._round_trip(commands)
         except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
             counted = self.get_moving_window(window_key, window_limit, window_expiry)[1]
             return counted <= window_limit - 1, self.acquire_entry(key, limit, expiry)
@@ -187,6 +195,38 @@ class _RedisStorage(RedisStorage):
             raise StorageError(exc) from exc
         counted = int(window_state[1]) if window_state else 0
         return counted <= window_limit - 1, bool(acquired)
+
+    def _round_trip(self, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        """Send ``commands`` at once and read their replies, on this thread's own connection.
+
+        Not a redis-py pipeline, nor the pool: on the hot path of every ``/token`` and
+        ``/introspect`` call, their bookkeeping cost two thirds as much CPU again as the round
+        trip itself (65 against 43 µs per call, measured on the bench's machine). The
+        connection is made with the pool's settings (timeouts, address, credentials). A
+        connection Redis dropped (a restart) is replaced once, at once; any failure leaves
+        no half-read reply behind (the connection is closed)."""
+        connection = self._thread_connection()
+        packed = connection.pack_commands(commands)
+        for attempt in (1, 2):
+            try:
+                connection.send_packed_command(packed, check_health=False)
+                return [connection.read_response() for _ in commands]
+            except redis.exceptions.ConnectionError:
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                connection.disconnect()  # an error reply may have left replies unread
+                raise
+        raise AssertionError("unreachable")
+
+    def _thread_connection(self) -> redis.Connection:
+        own = self._own
+        pid = os.getpid()
+        if getattr(own, "pid", None) != pid:  # first use in this thread, or a forked child
+            pool = self.get_connection().connection_pool
+            own.connection, own.pid = pool.connection_class(**pool.connection_kwargs), pid
+        return own.connection
 
 
 def _redis_storage(redis_url: str, prefix: str) -> RedisStorage:

@@ -435,6 +435,44 @@ def test_redis_down_fails_closed_with_503_and_recovers() -> None:
         server.stop()
 
 
+@pytest.mark.skipif(not REDIS_SERVER and not REDIS_URL, reason="redis-server is not installed")
+def test_a_redis_restart_between_requests_costs_no_request() -> None:
+    server = PrivateRedis()
+    server.start()
+    try:
+        limiter = Limiter(settings(), server.url)
+        limiter.admit("192.0.2.1", "client-a", "token")  # loads the scripts
+        limiter.admit("192.0.2.2", "client-b", "token")  # and leaves its connection open
+        server.stop()
+        server.start()  # the connection is dead; Redis has forgotten the scripts and counts
+        for _ in range(3):
+            limiter.admit("192.0.2.1", "client-a", "token")  # the first one: no 503
+        refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    finally:
+        server.stop()
+
+
+def test_a_forked_process_counts_on_its_own_connection(redis_url: str) -> None:
+    limiter = Limiter(settings(), redis_url)
+    limiter.admit("192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-b", "token")  # the parent's connection is open now
+    parents = limiter.storage._thread_connection()._sock.getsockname()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            limiter.admit("192.0.2.1", "client-a", "token")
+            own = limiter.storage._thread_connection()._sock.getsockname()
+            os._exit(0 if own != parents else 2)
+        except BaseException:  # noqa: BLE001 - the child must exit, never return to pytest
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # Had the child used the parent's socket, the parent could read the child's reply here.
+    limiter.admit("192.0.2.1", "client-a", "token")  # the third of three
+    refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    assert limiter.storage._own.pid == os.getpid()
+
+
 def test_redis_unreachable_from_the_start_is_503_not_a_crash() -> None:
     limiter = Limiter(settings(), f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(TemporarilyUnavailable):
