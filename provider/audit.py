@@ -47,11 +47,11 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
+import collections
 import json
 import logging
 import math
 import os
-import queue
 import re
 import threading
 import time
@@ -148,7 +148,9 @@ class AuditLog:
     def _fresh_process_state(self) -> None:
         """Queue, locks and thread of this process (new ones after a fork: the parent's locks
         may have been held by a thread that does not exist here)."""
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.max_queue)
+        # A deque, not a queue.Queue: appending and popping are atomic without its locks and
+        # condition variables, which the request paid for on every event.
+        self._queue: collections.deque[Any] = collections.deque()
         self._start_lock = threading.Lock()
         self._drop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -178,13 +180,13 @@ class AuditLog:
             self._write([row])
             return
         self._ensure_writer()
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        waiting = len(self._queue)
+        if waiting >= self.max_queue:
             _log_lines([row])  # the store loses it; the log must not
             self._count_dropped(1)
             return
-        if self._queue.qsize() >= self.batch_size:
+        self._queue.append(row)
+        if waiting + 1 >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     def _event(self, type: str, request_id: str | None, client_id: str | None, sub: str | None,
@@ -244,11 +246,7 @@ class AuditLog:
             return
         if self._writer_alive():
             marker = _Flush()
-            try:
-                self._queue.put(marker, timeout=timeout)
-            except queue.Full:
-                _internal.warning("audit store: flush timed out with the queue full")
-                return
+            self._queue.append(marker)  # a marker is never refused: the bound is for events
             self._wake.set()
             if not marker.done.wait(timeout):
                 _internal.warning("audit store: flush timed out after %.1f s", timeout)
@@ -257,8 +255,8 @@ class AuditLog:
         batch: list[dict[str, Any]] = []
         while True:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                item = self._queue.popleft()
+            except IndexError:
                 break
             if isinstance(item, dict):
                 batch.append(item)
@@ -276,10 +274,7 @@ class AuditLog:
         self.flush(timeout)
         self._closed = True
         if self._writer_alive():
-            try:
-                self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                return
+            self._queue.append(_STOP)
             self._wake.set()
             assert self._thread is not None
             self._thread.join(timeout)
@@ -305,8 +300,8 @@ class AuditLog:
                 markers: list[_Flush] = []
                 while len(batch) < self.batch_size:
                     try:
-                        item = q.get_nowait()
-                    except queue.Empty:
+                        item = q.popleft()
+                    except IndexError:
                         break
                     if item is _STOP:
                         stop = True

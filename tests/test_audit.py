@@ -108,6 +108,20 @@ def test_events_reach_the_store_within_the_flush_interval_without_a_flush(audit)
     assert [e["type"] for e in audit.query()] == ["refresh"]
 
 
+def test_a_full_batch_is_written_at_once_not_at_the_flush_interval(storage):
+    log = AuditLog(storage, batch_size=10, flush_interval=60)
+    try:
+        for round_ in range(3):  # the writer is woken for each batch, not only the first
+            for n in range(10):
+                log.record("issue", client_id="svc", jti=f"j{round_}-{n}")
+            deadline = time.monotonic() + 5
+            while len(log.query()) < 10 * (round_ + 1) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(log.query()) == 10 * (round_ + 1)
+    finally:
+        log.close()
+
+
 def test_every_event_is_one_json_line_on_the_provider_audit_log_with_its_batch(audit, caplog):
     caplog.set_level(logging.INFO, logger="provider.audit")
     audit.record("revoke", request_id="r1", client_id="svc", sub="alice", jti="j1",
