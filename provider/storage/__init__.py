@@ -41,6 +41,15 @@ def _audit_insert(rows: int, paramstyle: str, dialect: str) -> str:
             f"VALUES {', '.join([row] * rows)}")
 
 
+_AUDIT_COPY = ("COPY audit_events (time, type, request_id, client_id, sub, jti, data) "
+               "FROM STDIN")
+
+
+def _audit_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["time"], row["type"], row.get("request_id"), row.get("client_id"), row.get("sub"),
+            row.get("jti"), json.dumps(row["data"]))
+
+
 @functools.cache
 def _claim_once(dialect: str) -> sa.Insert:
     """``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired RETURNING key`` (SQLite 3.35+
@@ -386,23 +395,31 @@ class Storage:
     # Audit trail --------------------------------------------------------------------------
 
     def add_audit_events(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Append events in one transaction, a hundred rows to an ``INSERT ... VALUES``.
+        """Append events in one transaction: on PostgreSQL through psycopg, one ``COPY``;
+        elsewhere a hundred rows to an ``INSERT ... VALUES``.
 
-        Not ``executemany``: Python's sqlite3 releases the GIL around each row it steps, and the
-        audit writer thread taking it back, row after row, stalled the request thread beside
-        it (the audit trail cost a worker a quarter of its throughput). Not SQLAlchemy's
-        multi-row ``values()`` either: it compiles such a statement afresh every time.
+        ``COPY``: for a hundred events, it cost the writer 6.4 µs of CPU per event against
+        23.9 µs for the multi-row ``INSERT``, and 15 µs against 35 µs until PostgreSQL had
+        them (measured on the bench's machine). Not ``executemany``: Python's sqlite3 releases
+        the GIL around each row it steps, and the audit writer thread taking it back, row after
+        row, stalled the request thread beside it (the audit trail cost a worker a quarter of
+        its throughput). Not SQLAlchemy's multi-row ``values()`` either: it compiles such a
+        statement afresh every time.
         """
         rows = list(rows)
         if not rows:
             return
         dialect = self.engine.dialect
         with self.transaction() as connection:
+            if dialect.name == "postgresql" and dialect.driver == "psycopg":
+                cursor = connection.connection.dbapi_connection.cursor()
+                with cursor, cursor.copy(_AUDIT_COPY) as copy:
+                    for row in rows:
+                        copy.write_row(_audit_values(row))
+                return
             for start in range(0, len(rows), AUDIT_ROWS_PER_STATEMENT):
                 chunk = rows[start:start + AUDIT_ROWS_PER_STATEMENT]
-                values = [value for row in chunk for value in (
-                    row["time"], row["type"], row.get("request_id"), row.get("client_id"),
-                    row.get("sub"), row.get("jti"), json.dumps(row["data"]))]
+                values = [value for row in chunk for value in _audit_values(row)]
                 connection.exec_driver_sql(
                     _audit_insert(len(chunk), dialect.paramstyle, dialect.name), tuple(values))
 
