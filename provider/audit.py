@@ -81,12 +81,12 @@ _JWT_CANDIDATE = re.compile(
     r"(?<![A-Za-z0-9_-])(e[wy][A-Za-z0-9_-]{14,})\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _DROP_WARNING_INTERVAL = 10.0
 _WRITE_RETRIES = (0.2, 1.0)  # pauses before retrying a batch the database did not take
-# The writer serialises and inserts this many events at a time (one INSERT statement, one
-# transaction), then yields the GIL: a request waits for one slice, not for a whole batch after
-# the interpreter's 5 ms switch interval. Slices of 100 cost the writer 21 µs of CPU per event
-# on SQLite and 38 µs on PostgreSQL, against 26 and 55 µs in slices of 25, with the bench's p99
-# at 4 connections unchanged (3.2-3.4 ms); in one worker, slices of 200 put the audit trail in
-# the slowest 1% of requests.
+# The writer serialises and stores this many events at a time (one transaction: one INSERT, or
+# on PostgreSQL one COPY), then yields the GIL: a request waits for one slice, not for a whole
+# batch after the interpreter's 5 ms switch interval. With INSERTs, slices of 100 cost the
+# writer 21 µs of CPU per event on SQLite and 38 µs on PostgreSQL, against 26 and 55 µs in
+# slices of 25, with the bench's p99 at 4 connections unchanged (3.2-3.4 ms); in one worker,
+# slices of 200 put the audit trail in the slowest 1% of requests.
 _WRITE_SLICE = 100
 
 
