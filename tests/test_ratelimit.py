@@ -406,50 +406,53 @@ def test_redis_keys_are_namespaced_and_hide_identifiers(redis_url: str) -> None:
 # -- Redis going away ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REDIS_SERVER and not REDIS_URL, reason="redis-server is not installed")
-def test_redis_down_fails_closed_with_503_and_recovers() -> None:
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own, started, which the test may stop and start again."""
+    if not REDIS_SERVER and not REDIS_URL:
+        pytest.skip("redis-server is not installed")
     server = PrivateRedis()
     server.start()
     try:
-        limiter = Limiter(settings(), server.url)
-        token_call(limiter, "client-a")
-        server.stop()
-        calls = [
-            (token_call, (limiter, "client-a",)),
-            (introspect_call, (limiter, "client-a",)),
-            (limiter.admit, ("192.0.2.1", "client-a", "token")),
-            (limiter.record_failed_auth, ("192.0.2.1",)),
-            (limiter.hit_gateway, ("family", "conn", "drive")),
-        ]
-        for call, args in calls:
-            with pytest.raises(TemporarilyUnavailable) as info:
-                call(*args)
-            assert info.value.status_code == 503
-            assert info.value.body() == {"error": "temporarily_unavailable",
-                                         "error_description": "rate limits cannot be checked right now"}
-        server.start()  # same port: the instance recovers without a restart
-        token_call(limiter, "client-a")
-        limiter.admit("192.0.2.1", "client-a")
-        assert limiter.hit_gateway("family", "conn", "drive") == Verdict()
+        yield server
     finally:
         server.stop()
 
 
-@pytest.mark.skipif(not REDIS_SERVER and not REDIS_URL, reason="redis-server is not installed")
-def test_a_redis_restart_between_requests_costs_no_request() -> None:
-    server = PrivateRedis()
-    server.start()
-    try:
-        limiter = Limiter(settings(), server.url)
-        limiter.admit("192.0.2.1", "client-a", "token")  # loads the scripts
-        limiter.admit("192.0.2.2", "client-b", "token")  # and leaves its connection open
-        server.stop()
-        server.start()  # the connection is dead; Redis has forgotten the scripts and counts
-        for _ in range(3):
-            limiter.admit("192.0.2.1", "client-a", "token")  # the first one: no 503
-        refused(limiter.admit, "192.0.2.1", "client-a", "token")
-    finally:
-        server.stop()
+def test_redis_down_fails_closed_with_503_and_recovers(private_redis: PrivateRedis) -> None:
+    server = private_redis
+    limiter = Limiter(settings(), server.url)
+    token_call(limiter, "client-a")
+    server.stop()
+    calls = [
+        (token_call, (limiter, "client-a",)),
+        (introspect_call, (limiter, "client-a",)),
+        (limiter.admit, ("192.0.2.1", "client-a", "token")),
+        (limiter.record_failed_auth, ("192.0.2.1",)),
+        (limiter.hit_gateway, ("family", "conn", "drive")),
+    ]
+    for call, args in calls:
+        with pytest.raises(TemporarilyUnavailable) as info:
+            call(*args)
+        assert info.value.status_code == 503
+        assert info.value.body() == {"error": "temporarily_unavailable",
+                                     "error_description": "rate limits cannot be checked right now"}
+    server.start()  # same port: the instance recovers without a restart
+    token_call(limiter, "client-a")
+    limiter.admit("192.0.2.1", "client-a")
+    assert limiter.hit_gateway("family", "conn", "drive") == Verdict()
+
+
+def test_a_redis_restart_between_requests_costs_no_request(private_redis: PrivateRedis) -> None:
+    server = private_redis
+    limiter = Limiter(settings(), server.url)
+    limiter.admit("192.0.2.1", "client-a", "token")  # loads the scripts
+    limiter.admit("192.0.2.2", "client-b", "token")  # and leaves its connection open
+    server.stop()
+    server.start()  # the connection is dead; Redis has forgotten the scripts and counts
+    for _ in range(3):
+        limiter.admit("192.0.2.1", "client-a", "token")  # the first one: no 503
+    refused(limiter.admit, "192.0.2.1", "client-a", "token")
 
 
 def test_a_forked_process_counts_on_its_own_connection(redis_url: str) -> None:
