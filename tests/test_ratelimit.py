@@ -470,7 +470,7 @@ def test_a_forked_process_counts_on_its_own_connection(redis_url: str) -> None:
             os._exit(1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    # Had the child used the parent's socket, the parent could read the child's reply here.
+    # The child's call counted, on a socket of its own, and the parent's still answers.
     limiter.admit("192.0.2.1", "client-a", "token")  # the third of three
     refused(limiter.admit, "192.0.2.1", "client-a", "token")
     assert limiter.storage._own.pid == os.getpid()
