@@ -79,6 +79,7 @@ _SECRET_NAME = re.compile(r"token|secret|assertion|password|credential", re.IGNO
 # "ey" or "ew"), anywhere in a string ("Bearer eyJ...", a query string...).
 _JWT_CANDIDATE = re.compile(
     r"(?<![A-Za-z0-9_-])(e[wy][A-Za-z0-9_-]{14,})\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DROP_WARNING_INTERVAL = 10.0
 _WRITE_RETRIES = (0.2, 1.0)  # pauses before retrying a batch the database did not take
 # The writer serialises and stores this many events at a time (one transaction: one INSERT, or
@@ -389,8 +390,14 @@ def _contains_jwt(text: str) -> bool:
 
 
 def _clean_string(text: str) -> str:
-    # PostgreSQL refuses NUL characters in text; one such value must not fail a whole batch.
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    """``text`` as every database takes it: PostgreSQL refuses NUL characters, and no UTF-8
+    encoder takes a lone surrogate (half a UTF-16 pair, which a parser of ``\\ud800`` escapes
+    makes); each becomes U+FFFD, so that one such value cannot fail a whole batch."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _scrub(value: Any, path: str, redacted: list[str]) -> Any:

@@ -182,6 +182,17 @@ def test_values_too_long_for_their_column_or_holding_nul_do_not_fail_the_batch(a
     assert audit.dropped == 0
 
 
+@on_every_backend
+def test_lone_surrogates_in_columns_do_not_fail_the_batch(audit):
+    # A str may hold half a UTF-16 pair (a parser of escapes made it); no database encodes one.
+    audit.record("refusal", client_id="svc\udc00", sub="eve\ud800", reason="bad")
+    audit.record("issue", sub="alice", jti="j1")
+    audit.flush()
+    refusal, issue = audit.query()
+    assert refusal["sub"] == "eve\ufffd" and refusal["client_id"] == "svc\ufffd"
+    assert issue["jti"] == "j1" and audit.dropped == 0
+
+
 # A bounded queue --------------------------------------------------------------------------
 
 
