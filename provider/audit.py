@@ -48,7 +48,6 @@ import atexit
 import base64
 import binascii
 import collections
-import json
 import logging
 import math
 import os
@@ -60,6 +59,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from provider import fastjson
 from provider.storage import Storage
 
 log = logging.getLogger("provider.audit")  # every line one JSON event
@@ -111,7 +111,7 @@ def _line(row: dict[str, Any]) -> str:
     event = {"time": _iso(row["time"])}
     event.update((name, row.get(name)) for name in _COLUMN_NAMES)  # the same keys every time
     event.update(row["data"])
-    return json.dumps(event, separators=(",", ":"))
+    return fastjson.dumps(event).decode("utf-8")
 
 
 def _log_lines(rows: list[dict[str, Any]]) -> None:
@@ -381,7 +381,7 @@ def _contains_jwt(text: str) -> bool:
     for match in _JWT_CANDIDATE.finditer(text):
         header = match.group(1)
         try:
-            decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+            decoded = fastjson.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
         except (ValueError, binascii.Error):
             continue
         if isinstance(decoded, dict):

@@ -12,10 +12,10 @@ import logging
 import secrets
 from typing import ClassVar
 
-from flask import Flask, current_app, g, json, request
+from flask import Flask, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from provider import metrics
+from provider import fastjson, metrics
 from provider.audit import REQUEST_ID
 
 log = logging.getLogger("provider")
@@ -225,7 +225,7 @@ def render(error: OAuthError):
         provider.event("refusal", endpoint=endpoint, error=error.error, status=error.status_code,
                        client_id=g.get("client_id"))
     response = current_app.response_class(
-        json.dumps(error.body()), status=error.status_code, mimetype="application/json"
+        fastjson.dumps(error.body()), status=error.status_code, mimetype="application/json"
     )
     response.headers.update(error.headers)
     response.headers["Cache-Control"] = "no-store"

@@ -6,13 +6,14 @@ exchange, introspection and gateway call. A caller that must read the header fir
 the key by ``kid``, or take a DPoP proof's ``jwk``) pays it twice. Here one regular expression
 checks the whole token, each segment is decoded once, and the signature is made and checked by
 PyJWT's own algorithm objects (the code ``jwt.decode`` and ``jwt.encode`` run, including its key
-checks, such as an EC key's curve). What the claims mean is the caller's to check.
+checks, such as an EC key's curve). JSON is read and written by :mod:`provider.fastjson`
+(stricter than ``json.loads``, and cheaper). What the claims mean is the caller's to
+check.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,11 @@ from typing import Any
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
 
+from provider import fastjson
+
 # Three non-empty base64url segments without padding (RFC 7515 §2, §7.1).
 _COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _ALGORITHMS = get_default_algorithms()
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 class JWSInvalid(ValueError):
@@ -39,15 +41,11 @@ def b64url_encode(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-def _refuse_constant(name: str) -> None:
-    raise JWSInvalid()  # NaN and Infinity are not JSON (RFC 8259 §6), though Python reads them
-
-
 def _json_object(data: bytes) -> dict[str, Any]:
-    """A JSON object in UTF-8 (RFC 7515 §5.2; ``json.loads`` would also read UTF-16 and -32)."""
+    """A JSON object in UTF-8 (RFC 7515 §5.2), without NaN or Infinity (RFC 8259 §6)."""
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        value = fastjson.loads(data)
+    except fastjson.JSONDecodeError:
         raise JWSInvalid() from None
     if not isinstance(value, dict):
         raise JWSInvalid()
@@ -107,7 +105,7 @@ def read(token: str, max_length: int) -> Unverified:
 def sign(payload: dict[str, Any], header: dict[str, Any], key: Any, alg: str) -> str:
     """A compact JWS of ``payload`` signed with ``key`` by ``alg`` (set in the header)."""
     algorithm = _ALGORITHMS[alg]
-    signing_input = (b64url_encode(_JSON.encode({"alg": alg, **header}).encode("ascii"))
-                     + b"." + b64url_encode(_JSON.encode(payload).encode("ascii")))
+    signing_input = (b64url_encode(fastjson.dumps({"alg": alg, **header}))
+                     + b"." + b64url_encode(fastjson.dumps(payload)))
     signature = algorithm.sign(signing_input, algorithm.prepare_key(key))
     return (signing_input + b"." + b64url_encode(signature)).decode("ascii")

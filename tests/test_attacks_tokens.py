@@ -228,6 +228,13 @@ def sign_segments(f: Forge, header_segment: str, payload_segment: str) -> str:
     return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
+def with_raw_claim(f: Forge, name: str, json_text: str) -> str:
+    """A provider signature over the genuine claims with ``name`` spelt as ``json_text``."""
+    marker = "\u0000raw\u0000"
+    payload = json.dumps(_changed(f.claims, {name: marker})).replace(json.dumps(marker), json_text)
+    return f.sign(payload=payload.encode())
+
+
 def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
     """An unsecured JWS for an ``alg`` spelling joserfc will not produce."""
     return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}."
@@ -313,6 +320,10 @@ CASES: dict[str, Case] = {
     "exp-infinity": lambda f: f.with_claims(exp=float("inf")),
     "exp-nan": lambda f: f.with_claims(exp=float("nan")),
     "iat-minus-infinity": lambda f: f.with_claims(iat=float("-inf")),
+    # A number beyond a double's range (Python's json reads it as infinity).
+    "exp-beyond-a-double": lambda f: with_raw_claim(f, "exp", "1e400"),
+    # RFC 8259 §8.2: a lone surrogate escape is no Unicode character.
+    "sub-lone-surrogate": lambda f: with_raw_claim(f, "sub", '"svc\\ud800"'),
     "exp-numeric-string": lambda f: f.with_claims(exp=str(f.claims["exp"])),
     "iat-numeric-string": lambda f: f.with_claims(iat=str(f.claims["iat"])),
     "nbf-numeric-string": lambda f: f.with_claims(nbf=str(f.claims["iat"])),

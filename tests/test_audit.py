@@ -193,6 +193,23 @@ def test_lone_surrogates_in_columns_do_not_fail_the_batch(audit):
     assert issue["jti"] == "j1" and audit.dropped == 0
 
 
+@on_every_backend
+def test_an_integer_the_fast_json_encoder_refuses_still_reaches_the_log_and_the_store(audit,
+                                                                                      caplog):
+    # orjson refuses integers beyond 64 bits: such an event must be written all the same, and
+    # the writer go on with the next.
+    caplog.set_level(logging.INFO, logger="provider.audit")
+    audit.record("refusal", reason="odd", count=2**70, nested={"counts": [-(2**70)]})
+    audit.record("issue", sub="alice", jti="j1")
+    audit.flush()
+    odd, issue = audit.query()
+    assert odd["count"] == 2**70 and odd["nested"] == {"counts": [-(2**70)]}
+    assert issue["jti"] == "j1" and audit.dropped == 0
+    lines = [json.loads(line) for r in caplog.records if r.name == "provider.audit"
+             for line in r.getMessage().splitlines()]
+    assert [(e["type"], e.get("count")) for e in lines] == [("refusal", 2**70), ("issue", None)]
+
+
 # A bounded queue --------------------------------------------------------------------------
 
 

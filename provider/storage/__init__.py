@@ -8,7 +8,6 @@ that several processes can share one file; both get ``hide_parameters`` so that 
 from __future__ import annotations
 
 import functools
-import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from provider import fastjson
 from provider.config import ConfigError
 from provider.storage import schema
 
@@ -47,7 +47,7 @@ _AUDIT_COPY = ("COPY audit_events (time, type, request_id, client_id, sub, jti, 
 
 def _audit_values(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["time"], row["type"], row.get("request_id"), row.get("client_id"), row.get("sub"),
-            row.get("jti"), json.dumps(row["data"]))
+            row.get("jti"), fastjson.dumps(row["data"]).decode("utf-8"))
 
 
 @functools.cache

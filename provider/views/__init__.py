@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, current_app, g, json, request
+from flask import Flask, current_app, g, request
 
+from provider import fastjson
 from provider.client_auth import authenticate
 from provider.clients import Client
 from provider.errors import InvalidClient
@@ -18,7 +19,7 @@ def provider() -> Provider:
 
 def json_response(body: Any, status: int = 200, *, no_store: bool = True):
     """JSON with ``Cache-Control: no-store`` (RFC 6749 §5.1) unless said otherwise."""
-    response = current_app.response_class(json.dumps(body), status=status,
+    response = current_app.response_class(fastjson.dumps(body), status=status,
                                           mimetype="application/json")
     if no_store:
         response.headers["Cache-Control"] = "no-store"
