@@ -156,7 +156,7 @@ def verify_access_token(token: Any, keys: KeySet, issuer: str, leeway: int) -> d
         claims = unverified.verify(key.public_key, key.alg)
     except jws.JWSInvalid:
         raise TokenInvalid("signature") from None
-    _check_claims(claims, issuer, leeway)
+    _check_claims(claims, issuer, leeway, keys.token_expiry)
     return claims
 
 
@@ -164,9 +164,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_claims(claims: dict[str, Any], issuer: str, leeway: int) -> None:
+def _check_claims(claims: dict[str, Any], issuer: str, leeway: int, max_lifetime: float) -> None:
     """RFC 7519 §4.1 and RFC 9068 §4: every claim we mint is present and well typed, the issuer
-    is us, and the token is within its validity period give or take ``leeway`` seconds."""
+    is us, the token is within its validity period give or take ``leeway`` seconds, and that
+    period is no longer than ``max_lifetime`` (the longest the configuration mints, and as long
+    as a retired key stays trusted)."""
     if any(name not in claims for name in _REQUIRED_CLAIMS):
         raise TokenInvalid("claims")
     if claims["iss"] != issuer:
@@ -179,6 +181,8 @@ def _check_claims(claims: dict[str, Any], issuer: str, leeway: int) -> None:
         raise TokenInvalid("expired")
     if claims["iat"] > now + leeway or claims.get("nbf", 0) > now + leeway:
         raise TokenInvalid("not yet valid")
+    if claims["exp"] - claims["iat"] > max_lifetime:  # never ours, however it came signed
+        raise TokenInvalid("lifetime")
     aud = claims["aud"]
     if not (isinstance(aud, str) or (isinstance(aud, list) and aud
                                      and all(isinstance(a, str) for a in aud))):

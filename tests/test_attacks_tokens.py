@@ -322,6 +322,10 @@ CASES: dict[str, Case] = {
     "iat-minus-infinity": lambda f: f.with_claims(iat=float("-inf")),
     # A number beyond a double's range (Python's json reads it as infinity).
     "exp-beyond-a-double": lambda f: with_raw_claim(f, "exp", "1e400"),
+    # A lifetime longer than the provider mints (max_access_token_ttl): never one of ours.
+    "lifetime-of-thirty-days": lambda f: f.with_claims(exp=now() + 30 * 86400),
+    "exp-beyond-64-bits": lambda f: f.with_claims(exp=2**70),
+    "iat-below-64-bits": lambda f: f.with_claims(iat=-(2**70)),
     # RFC 8259 §8.2: a lone surrogate escape is no Unicode character.
     "sub-lone-surrogate": lambda f: with_raw_claim(f, "sub", '"svc\\ud800"'),
     "exp-numeric-string": lambda f: f.with_claims(exp=str(f.claims["exp"])),
