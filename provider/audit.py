@@ -48,6 +48,7 @@ import atexit
 import base64
 import binascii
 import collections
+import functools
 import logging
 import math
 import os
@@ -102,15 +103,14 @@ class _Flush:
 
 _STOP = object()
 _LINE = "_log"  # marks a row whose log line is still to be written
-_COLUMN_NAMES = ("type", "request_id", "client_id", "sub", "jti")
 
 
 def _line(row: dict[str, Any]) -> str:
     """The event as one JSON line: its time, its columns (``data`` keeps the whole value of
     one cut to fit its column), then its other fields."""
-    event = {"time": _iso(row["time"])}
-    event.update((name, row.get(name)) for name in _COLUMN_NAMES)  # the same keys every time
-    event.update(row["data"])
+    event = {"time": _iso(row["time"]), "type": row["type"], "request_id": row.get("request_id"),
+             "client_id": row.get("client_id"), "sub": row.get("sub"), "jti": row.get("jti"),
+             **row["data"]}
     return fastjson.dumps(event).decode("utf-8")
 
 
@@ -440,8 +440,18 @@ _DROP = object()
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    """``2026-11-29T14:01:11.123Z``. The writer formats one per event: the date and time of
+    day are formatted once a second (a third of the cost of ``datetime.isoformat``)."""
+    fraction, seconds = math.modf(timestamp)
+    micros = round(fraction * 1_000_000)  # rounded to the microsecond first, as datetime does
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return f"{_iso_second(int(seconds))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _type_name(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from click.testing import CliRunner
 
+from provider import audit as audit_module
 from provider.audit import AuditLog
 from provider.cli import cli
 from provider.storage import Storage, create_engine, migrate, schema
@@ -134,6 +135,16 @@ def test_every_event_is_one_json_line_on_the_provider_audit_log_with_its_batch(a
     assert [e["type"] for e in events] == ["revoke", "issue"]
     assert events[0]["cause"] == "revoked by operator"
     assert ISO_UTC.match(events[0]["time"]) and events[0]["jti"] == "j1"
+
+
+@pytest.mark.parametrize("timestamp", [
+    0.5, 86399.9994, 86399.9995, 1795960964.123456, 1795960964.9999996, 1882410952.7079995,
+    1773107810.5639994, 4102444799.999])
+def test_event_times_are_those_datetime_writes_to_the_millisecond(timestamp):
+    # The writer formats each second's date once; the milliseconds must still round like
+    # datetime's, at the edges of a second too.
+    expected = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    assert audit_module._iso(timestamp) == expected.replace("+00:00", "Z")
 
 
 def test_a_batch_is_written_in_one_transaction(storage):
