@@ -7,8 +7,7 @@ the key by ``kid``, or take a DPoP proof's ``jwk``) pays it twice. Here one regu
 checks the whole token, each segment is decoded once, and the signature is made and checked by
 PyJWT's own algorithm objects (the code ``jwt.decode`` and ``jwt.encode`` run, including its key
 checks, such as an EC key's curve). JSON is read and written by :mod:`provider.fastjson`
-(stricter than ``json.loads``, and cheaper). What the claims mean is the caller's to
-check.
+(stricter than ``json.loads``, and cheaper). What the claims mean is the caller's to check.
 """
 
 from __future__ import annotations
