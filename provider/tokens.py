@@ -5,8 +5,9 @@ keys, the key fixes the one algorithm accepted, ``typ`` must be ``at+jwt`` (so a
 assertion, a DPoP proof or an ID token is never taken for an access token), any ``crit`` is
 refused (we implement no extension), and key-carrying headers (``jku``, ``jwk``, ``x5u``,
 ``x5c``) are refused rather than ignored. ``iss``, ``exp``, ``nbf`` and ``iat`` are checked with
-the configured leeway. ``aud`` is checked by each caller against its own identity (an access
-token's audience is a resource server, not this provider).
+the configured leeway, and ``exp - iat`` against the longest lifetime the provider mints.
+``aud`` is checked by each caller against its own identity (an access token's audience is a
+resource server, not this provider).
 
 Every token carries its ``lineage`` (a private claim) so that revocation can cascade without a
 database row per issued token: see :mod:`provider.revocation`.
