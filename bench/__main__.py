@@ -10,12 +10,13 @@ histograms). Every server started here is stopped on the way out, whatever happe
 process groups are killed); the PostgreSQL schema and the Redis database the ``instances``
 group uses are dropped and flushed.
 
-Environment: ``BENCH_SECONDS`` (each side of each measurement, default 8; about 5 minutes in
-all), ``BENCH_WARMUP_SECONDS`` (per server, default 2), ``BENCH_ONLY`` (a comma-separated list
-of groups, default all; a partial run writes ``bench/results/partial.json``, not
-``latest.json``), ``BENCH_POSTGRES_URL`` and ``BENCH_REDIS_URL`` (the stores of the
-``instances`` group; defaults ``postgresql+psycopg://postgres@127.0.0.1:5432/test`` and
-``redis://127.0.0.1:6379/15``, which is flushed).
+Environment: ``BENCH_SECONDS`` (each side of each measurement, default 8, three times that for
+the ``overhead`` group; about 5 minutes in all), ``BENCH_WARMUP_SECONDS`` (per server, default
+2), ``BENCH_ONLY`` (a comma-separated list of groups, default all; a partial run writes
+``bench/results/partial.json``, not ``latest.json``), ``BENCH_POSTGRES_URL`` and
+``BENCH_REDIS_URL`` (the stores of the ``instances`` group; defaults
+``postgresql+psycopg://postgres@127.0.0.1:5432/test`` and ``redis://127.0.0.1:6379/15``, which
+is flushed).
 """
 
 from __future__ import annotations

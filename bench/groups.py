@@ -18,7 +18,7 @@
     one against the core SQLite instance (2 workers).
 ``overhead``
     The token exchange with the audit trail and rate limits on (the limits high) against both
-    off, on two fresh SQLite instances.
+    off, on two fresh SQLite instances, for three times ``BENCH_SECONDS`` a side.
 
 Each measurement alternates its setups in slices of about two seconds, ABBA (or ABC CBA), so
 that a burst of load from elsewhere on the machine hits them alike; each group's timed runs are
@@ -51,6 +51,10 @@ CONNECTIONS = (4, 32)  # core and gateway
 DPOP_CONNECTIONS = 4
 INSTANCES_CONNECTIONS = 8  # in all; the two single-worker instances get half each
 OVERHEAD_CONNECTIONS = 4
+# The overhead group's target is a small difference between two similar figures: measured for
+# 8 seconds a side it read costs from -3.5% to 18% minutes apart on a noisy machine, for 30
+# seconds a side 8% and 10%. It runs this many times BENCH_SECONDS.
+OVERHEAD_LENGTH = 3
 WORKERS = 2  # the provider's production default (``serve --workers``)
 WARMUP_CONNECTIONS = 8
 # Each measurement is cut into runs of about this many seconds, alternating its setups, so that
@@ -190,9 +194,11 @@ class Context:
         return lambda seconds: self.timed([server], [wrk.Load(script, server.port, connections)],
                                           seconds)
 
-    def interleave(self, sides: list[tuple[str, Run]]) -> dict[str, wrk.WrkResult]:
-        """Each side's slices, run in turn: A B, B A, A B ... (A B C, C B A, ... for three)."""
-        count, length = slices(self.seconds)
+    def interleave(self, sides: list[tuple[str, Run]],
+                   seconds: float | None = None) -> dict[str, wrk.WrkResult]:
+        """Each side's slices, run in turn: A B, B A, A B ... (A B C, C B A, ... for three);
+        ``seconds`` a side (default ``BENCH_SECONDS``)."""
+        count, length = slices(self.seconds if seconds is None else seconds)
         runs: dict[str, list[wrk.Slice]] = {name: [] for name, _ in sides}
         for index in range(count):
             for name, run in (sides if index % 2 == 0 else sides[::-1]):
@@ -415,7 +421,8 @@ def overhead(ctx: Context) -> None:
         c = OVERHEAD_CONNECTIONS
         with ctx.metered("overhead"):
             results = ctx.interleave([("on", ctx.run_of(on, scripts["on"], c)),
-                                      ("off", ctx.run_of(off, scripts["off"], c))])
+                                      ("off", ctx.run_of(off, scripts["off"], c))],
+                                     ctx.seconds * OVERHEAD_LENGTH)
             ctx.compare(report.Comparison(
                 "overhead", "overhead", "exchange audit+limits on/off", c, results["on"],
                 results["off"],
