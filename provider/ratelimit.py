@@ -46,8 +46,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import redis
@@ -112,6 +113,52 @@ class Verdict:
         return self.suspend_family or self.suspend_connection
 
 
+class Admission:
+    """The limiter's verdict on one request, perhaps still on its way from Redis.
+
+    :meth:`check` waits for it (once) and raises the refusal (429, or 503 when the counts
+    cannot be read). The request may do work without effects before checking: parse, verify
+    signatures, look things up; it must check before anything with an effect (a token issued,
+    a proof or code spent, an event recorded). Used as a context manager, the admission is
+    checked on the way out whatever happens in the block, and a refusal then replaces the
+    block's own error, so that a request over its limit is answered 429 whatever else is
+    wrong with it, as if it had been checked first.
+    """
+
+    __slots__ = ("_refusal", "_verdict")
+    ADMITTED: ClassVar[Admission]
+
+    def __init__(self, verdict: Callable[[], None] | None):
+        self._verdict = verdict  # None once known
+        self._refusal: OAuthError | None = None
+
+    @classmethod
+    def refused(cls, refusal: OAuthError) -> Admission:
+        admission = cls(None)
+        admission._refusal = refusal
+        return admission
+
+    def check(self) -> None:
+        if self._verdict is not None:
+            verdict, self._verdict = self._verdict, None
+            try:
+                verdict()
+            except OAuthError as refusal:
+                self._refusal = refusal
+        if self._refusal is not None:
+            raise self._refusal
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if exc is None or exc is not self._refusal:  # not the refusal itself, raised within
+            self.check()
+
+
+Admission.ADMITTED = Admission(None)
+
+
 def _item(limit: RateLimit, namespace: str) -> RateLimitItem:
     return _ITEMS[limit.period](limit.count, namespace=namespace)
 
@@ -162,18 +209,20 @@ def key_prefix(issuer: str) -> str:
 
 
 class _RedisStorage(RedisStorage):
-    """``limits``' Redis storage, with one more operation: :meth:`test_and_acquire`."""
+    """``limits``' Redis storage, with one more operation: :meth:`send_test_and_acquire`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._own = threading.local()  # each thread's connection for test_and_acquire
+        self._own = threading.local()  # each thread's connection for send_test_and_acquire
 
-    def test_and_acquire(self, window: tuple[str, int, int],
-                         acquire: tuple[str, int, int]) -> tuple[bool, bool]:
-        """Whether the moving window ``window`` (key, limit, expiry) has room for one more,
-        and whether one entry was acquired in ``acquire``: the same two scripts as
-        :meth:`get_moving_window` and :meth:`acquire_entry`, with the same arguments, sent
-        together (one round trip instead of two)."""
+    def send_test_and_acquire(self, window: tuple[str, int, int],
+                              acquire: tuple[str, int, int]) -> Callable[[], tuple[bool, bool]]:
+        """Send, and return the function that reads: whether the moving window ``window`` (key,
+        limit, expiry) has room for one more, and whether one entry was acquired in
+        ``acquire``. The same two scripts as :meth:`get_moving_window` and
+        :meth:`acquire_entry`, with the same arguments, sent together (one round trip instead
+        of two). The caller may work while Redis answers; this thread's next command reads the
+        replies first if the caller never did (see :meth:`_send`)."""
         window_key, window_limit, window_expiry = window
         key, limit, expiry = acquire
         now = time.time()
@@ -187,28 +236,62 @@ class _RedisStorage(RedisStorage):
              now, limit, expiry, 1),
         )
         try:
-            window_state, acquired = self._round_trip(commands)
-        except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
-            counted = self.get_moving_window(window_key, window_limit, window_expiry)[1]
-            return counted <= window_limit - 1, self.acquire_entry(key, limit, expiry)
+            replies = self._send(commands)
         except self.base_exceptions as exc:
             raise StorageError(exc) from exc
-        counted = int(window_state[1]) if window_state else 0
-        return counted <= window_limit - 1, bool(acquired)
 
-    def _round_trip(self, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
-        """Send ``commands`` at once and read their replies, on this thread's own connection.
+        def read() -> tuple[bool, bool]:
+            try:
+                window_state, acquired = replies()
+            except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+                counted = self.get_moving_window(window_key, window_limit, window_expiry)[1]
+                return counted <= window_limit - 1, self.acquire_entry(key, limit, expiry)
+            except self.base_exceptions as exc:
+                raise StorageError(exc) from exc
+            counted = int(window_state[1]) if window_state else 0
+            return counted <= window_limit - 1, bool(acquired)
+
+        return read
+
+    def _send(self, commands: tuple[tuple[Any, ...], ...]) -> Callable[[], list[Any]]:
+        """Send ``commands`` at once on this thread's own connection, and return the function
+        that reads their replies (once; later calls return the same).
 
         Not a redis-py pipeline, nor the pool: on the hot path of every ``/token`` and
         ``/introspect`` call, their bookkeeping cost two thirds as much CPU again as the round
         trip itself (65 against 43 µs per call, measured on the bench's machine). The
-        connection is made with the pool's settings (timeouts, address, credentials)."""
+        connection is made with the pool's settings (timeouts, address, credentials). Replies
+        still unread from this thread's previous send are read (and dropped) first, so that no
+        reply is ever taken for another command's."""
+        own = self._own
         connection = self._thread_connection()
+        if own.unread is not None:
+            log.error("a rate-limit verdict was never read; reading it now")
+            own.unread()
         packed = connection.pack_commands(commands)
+        resent = False
         try:
-            return _send_and_read(connection, packed, len(commands))
+            _send(connection, packed)
         except redis.exceptions.ConnectionError:  # dropped by Redis (a restart): reconnect once
-            return _send_and_read(connection, packed, len(commands))
+            resent = True
+            _send(connection, packed)
+        result: list[Any] = []
+
+        def replies() -> list[Any]:
+            if own.unread is not replies:
+                return result
+            own.unread = None
+            try:
+                result.extend(_read(connection, len(commands)))
+            except redis.exceptions.ConnectionError:
+                if resent:
+                    raise
+                _send(connection, packed)  # dropped since the last request: once more, anew
+                result.extend(_read(connection, len(commands)))
+            return result
+
+        own.unread = replies
+        return replies
 
     def _thread_connection(self) -> redis.Connection:
         own = self._own
@@ -216,15 +299,22 @@ class _RedisStorage(RedisStorage):
         if getattr(own, "pid", None) != pid:  # first use in this thread, or a forked child
             pool = self.get_connection().connection_pool
             own.connection, own.pid = pool.connection_class(**pool.connection_kwargs), pid
+            own.unread = None
         return own.connection
 
 
-def _send_and_read(connection: redis.Connection, packed: list[bytes], replies: int) -> list[Any]:
-    """Send, then read ``replies`` replies (an error reply raises). Any failure closes the
-    connection, so that no reply is ever left unread for the next caller; the next send opens
-    a new one."""
+def _send(connection: redis.Connection, packed: list[bytes]) -> None:
     try:
         connection.send_packed_command(packed, check_health=False)
+    except BaseException:
+        connection.disconnect()
+        raise
+
+
+def _read(connection: redis.Connection, replies: int) -> list[Any]:
+    """Read ``replies`` replies (an error reply raises). Any failure closes the connection, so
+    that no reply is ever left unread for the next caller; the next send opens a new one."""
+    try:
         return [connection.read_response() for _ in range(replies)]
     except BaseException:
         connection.disconnect()
@@ -304,29 +394,47 @@ class Limiter:
 
     # -- the checks -------------------------------------------------------------------------
 
-    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:
+    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> Admission:
         """After ``client_id`` authenticated from ``address``: refuse the request if the address
         is over its failed-authentication limit (right credentials or not), and count it
         against the client's limit for ``endpoint`` ("token", "introspect", or None for
-        none). With Redis, both in one round trip; a refused request still counts."""
+        none). With Redis, both in one round trip; a refused request still counts.
+
+        The verdict is the returned :class:`Admission`'s: with Redis it may still be on its
+        way, and the caller may meanwhile do work without effects (parse, verify signatures)
+        until :meth:`Admission.check`."""
         identifier = _address(address)
-        with self._guard():
-            if endpoint is None:
-                address_open, admitted = self.strategy.test(self._failed_address, identifier), True
-            else:
-                item, key, what = self._endpoint_limit(endpoint, client_id)
-                window = (self._failed_address.key_for(identifier), self._failed_address.amount,
-                          self._failed_address.get_expiry())
-                if isinstance(self.storage, _RedisStorage):
-                    address_open, admitted = self.storage.test_and_acquire(
-                        window, (item.key_for(key), item.amount, item.get_expiry()))
-                else:
-                    address_open = self.strategy.test(self._failed_address, identifier)
-                    admitted = self.strategy.hit(item, key)
-            if not address_open:
-                raise self._closed_address(identifier)
-            if not admitted:
-                raise self._refusal(item, (key,), what)
+        limit = self._endpoint_limit(endpoint, client_id) if endpoint is not None else None
+        if limit is not None and isinstance(self.storage, _RedisStorage):
+            item, key, _ = limit
+            window = (self._failed_address.key_for(identifier), self._failed_address.amount,
+                      self._failed_address.get_expiry())
+            with self._guard():
+                read = self.storage.send_test_and_acquire(
+                    window, (item.key_for(key), item.amount, item.get_expiry()))
+
+            def verdict() -> None:
+                with self._guard():
+                    self._judge(identifier, limit, *read())
+
+            return Admission(verdict)
+        try:
+            with self._guard():
+                address_open = self.strategy.test(self._failed_address, identifier)
+                admitted = limit is None or self.strategy.hit(limit[0], limit[1])
+                self._judge(identifier, limit, address_open, admitted)
+        except OAuthError as refusal:
+            return Admission.refused(refusal)
+        return Admission.ADMITTED
+
+    def _judge(self, identifier: str, limit: tuple[RateLimitItem, str, str] | None,
+               address_open: bool, admitted: bool) -> None:
+        """Raise the refusal, if any: the closed address first, then the endpoint's limit."""
+        if not address_open:
+            raise self._closed_address(identifier)
+        if not admitted and limit is not None:
+            item, key, what = limit
+            raise self._refusal(item, (key,), what)
 
     def _endpoint_limit(self, endpoint: str, client_id: str) -> tuple[RateLimitItem, str, str]:
         """The limit, key and description of ``client_id``'s calls to ``endpoint``."""
@@ -449,8 +557,8 @@ class NoLimits:
     def refuse_known_closed(self, address: str) -> None:
         pass
 
-    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> None:
-        pass
+    def admit(self, address: str, client_id: str, endpoint: str | None = None) -> Admission:
+        return Admission.ADMITTED
 
     def record_failed_auth(self, address: str) -> None:
         pass

@@ -448,3 +448,83 @@ def test_a_closed_address_is_refused_without_its_credentials_being_looked_at(flo
     monkeypatch.setattr("provider.views.authenticate", looked_at)
     for attempt in (wrong, victim, wrong):
         assert flood.token(attempt).status_code == 429
+
+
+# -- a client over its own limit ------------------------------------------------------------
+# With Redis, /token and /introspect send the count and read the verdict later, after the work
+# that has no effect (parsing, verifying the subject token): these show that the answer is the
+# same as if the verdict came first, and that no verdict is ever left for another request.
+
+
+@pytest.fixture(params=["memory"] + (["redis"] if REDIS_URL else []))
+def limited_app(request, tmp_path, vault_keys):
+    """A provider of its own allowing each client 3 calls a minute to /token and /introspect."""
+    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
+    overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/limited.db",
+                 "keys_dir": str(tmp_path / "keys"),
+                 "rate_limits": {"token": "3/minute", "introspect": "3/minute"}}
+    if request.param == "redis":
+        redis.Redis.from_url(REDIS_URL).flushdb()  # same issuer as other tests: same keys
+        overrides["redis_url"] = REDIS_URL
+    initialize(config.load(overrides=overrides))
+    application = create_app(overrides)
+    yield application
+    application.extensions["provider"].audit.close()
+    application.extensions["provider"].storage.engine.dispose()
+
+
+def issued_events(app) -> list[dict[str, Any]]:
+    provider = app.extensions["provider"]
+    provider.audit.flush()
+    return [e for e in provider.storage.audit_events() if e["type"] == "token.issued"]
+
+
+def test_a_client_over_its_token_limit_gets_429_whatever_else_is_wrong(limited_app, caplog):
+    oauth = OAuth(limited_app, limited_app.test_client())
+    client = oauth.register("limited")
+    subject = oauth.access_token(client)
+    assert oauth.exchange(client, "not-a-token").status_code == 400  # counted, not issued
+    assert oauth.exchange(client, subject, scope="read").status_code == 200
+    for over in (
+        lambda: oauth.exchange(client, "not-a-token"),  # invalid_request under the limit
+        lambda: oauth.token(client, scope="root"),  # invalid_scope under the limit
+        lambda: oauth.token(client, grant_type="password"),  # unsupported_grant_type
+        lambda: oauth.exchange(client, subject, scope="read"),
+        lambda: oauth.token(client),
+    ):
+        response = over()
+        assert response.status_code == 429, response.get_json()
+        assert response.get_json()["error"] == "temporarily_unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
+    assert len(issued_events(limited_app)) == 2  # nothing issued past the limit
+    other = oauth.register("other")
+    assert oauth.token(other).status_code == 200  # one client's limit is its own
+    assert "never read" not in caplog.text
+
+
+def test_an_introspector_over_its_limit_gets_429_whatever_else_is_wrong(limited_app, caplog):
+    oauth = OAuth(limited_app, limited_app.test_client())
+    subject = oauth.access_token(oauth.register("holder"))
+    for _ in range(3):
+        assert oauth.active(subject)
+    introspector = oauth._introspector
+    for token in ("garbage", subject, ""):
+        response = oauth.post("/introspect", introspector, {"token": token})
+        assert response.status_code == 429, response.get_json()
+    nosy = oauth.register("nosy", ("client_credentials",))  # may not introspect: 403 ...
+    for _ in range(3):
+        assert oauth.post("/introspect", nosy, {"token": subject}).status_code == 403
+    assert oauth.post("/introspect", nosy, {"token": subject}).status_code == 429  # ... until
+    assert "never read" not in caplog.text
+
+
+def test_each_request_reads_its_own_verdict(limited_app, caplog):
+    """A verdict left unread by a failing request would be read by the next one in its place,
+    shifting every answer after it by one: the limit's fourth call would be let through."""
+    oauth = OAuth(limited_app, limited_app.test_client())
+    client = oauth.register("limited")
+    assert oauth.exchange(client, "not-a-token").status_code == 400
+    assert oauth.token(client, scope="root").status_code == 400
+    assert oauth.token(client).status_code == 200
+    assert oauth.token(client).status_code == 429
+    assert "never read" not in caplog.text

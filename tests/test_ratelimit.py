@@ -105,11 +105,16 @@ def settings(upstreams: dict[str, Any] | None = None, **rate_limits: Any) -> con
 
 def token_call(limiter: Limiter, client_id: str) -> None:
     """A /token call of an authenticated client, as the endpoint counts it."""
-    limiter.admit("192.0.2.100", client_id, "token")
+    limiter.admit("192.0.2.100", client_id, "token").check()
 
 
 def introspect_call(limiter: Limiter, client_id: str) -> None:
-    limiter.admit("192.0.2.100", client_id, "introspect")
+    limiter.admit("192.0.2.100", client_id, "introspect").check()
+
+
+def admitted(limiter: Limiter, *args: Any) -> None:
+    """``limiter.admit(*args)`` and its verdict."""
+    limiter.admit(*args).check()
 
 
 def refused(call, *args: Any) -> RateLimited:
@@ -187,36 +192,36 @@ def test_retry_after_is_when_the_oldest_call_leaves_the_window(storage: str) -> 
 def test_admitting_an_authenticated_client_counts_no_failure(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(10):
-        limiter.admit("192.0.2.1", "client-a")
+        limiter.admit("192.0.2.1", "client-a").check()
 
 
 def test_failed_auth_per_address(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(3):  # failures of any client ids from one address
-        limiter.admit("192.0.2.1", "client-a")
+        limiter.admit("192.0.2.1", "client-a").check()
         limiter.record_failed_auth("192.0.2.1")
     for _ in range(2):  # then every attempt from that address, whoever it claims to be
-        error = refused(limiter.admit, "192.0.2.1", "client-a")
+        error = refused(admitted, limiter, "192.0.2.1", "client-a")
         assert "failed client authentications" in error.description
         assert "192.0.2.1" not in error.description
-    limiter.admit("192.0.2.2", "client-a")  # another address is not refused
+    limiter.admit("192.0.2.2", "client-a").check()  # another address is not refused
 
 
 def test_failed_auth_per_client_id_from_one_address(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for _ in range(3):
         limiter.record_failed_auth("192.0.2.1")
-    refused(limiter.admit, "192.0.2.1", "client-a")
+    refused(admitted, limiter, "192.0.2.1", "client-a")
     # The client is not locked out from everywhere by one address's guesses.
-    limiter.admit("192.0.2.9", "client-a")
+    limiter.admit("192.0.2.9", "client-a").check()
 
 
 def test_failed_auth_counts_an_ipv6_host_by_its_64(storage: str) -> None:
     limiter = Limiter(settings(), storage)
     for host in ("1", "2", "3"):
         limiter.record_failed_auth(f"2001:db8:1:2::{host}")
-    refused(limiter.admit, "2001:db8:1:2:ffff::4", "client-a")
-    limiter.admit("2001:db8:1:3::1", "client-a")
+    refused(admitted, limiter, "2001:db8:1:2:ffff::4", "client-a")
+    limiter.admit("2001:db8:1:3::1", "client-a").check()
 
 
 def test_the_failure_that_crosses_the_limit_is_refused(storage: str) -> None:
@@ -249,9 +254,9 @@ def test_an_address_admit_found_closed_is_known_closed(storage: str) -> None:
         limiter.record_failed_auth("192.0.2.1")
     if storage:  # with Redis, learnt from another instance's failures too
         other = Limiter(shared, storage)
-        refused(other.admit, "192.0.2.1", "client-a", "token")
+        refused(admitted, other, "192.0.2.1", "client-a", "token")
         refused(other.refuse_known_closed, "192.0.2.1")
-    refused(limiter.admit, "192.0.2.1", "client-a", None)
+    refused(admitted, limiter, "192.0.2.1", "client-a", None)
     refused(limiter.refuse_known_closed, "192.0.2.1")
 
 
@@ -262,7 +267,7 @@ def test_what_a_process_knows_closed_ends_with_the_window(storage: str) -> None:
     refused(limiter.refuse_known_closed, "192.0.2.1")
     time.sleep(1.1)
     limiter.refuse_known_closed("192.0.2.1")
-    limiter.admit("192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token").check()
 
 
 # -- admit: after authentication, the address and the endpoint's limit at once ----------------
@@ -273,27 +278,27 @@ def test_admit_refuses_a_closed_address_though_the_client_has_room(storage: str)
     for _ in range(3):
         limiter.record_failed_auth("192.0.2.1")
     for endpoint in ("token", "introspect", None):
-        error = refused(limiter.admit, "192.0.2.1", "client-a", endpoint)
+        error = refused(admitted, limiter, "192.0.2.1", "client-a", endpoint)
         assert "failed client authentications" in error.description
         assert int(error.headers["Retry-After"]) >= 1
-    limiter.admit("192.0.2.2", "client-a", "token")  # the client from elsewhere is let in
+    limiter.admit("192.0.2.2", "client-a", "token").check()  # the client from elsewhere is let in
 
 
 def test_admit_counts_in_the_endpoint_limit_of_the_client(storage: str) -> None:
     limiter = Limiter(settings(clients={"bulk": "5/minute"}), storage)
-    limiter.admit("192.0.2.1", "client-a", "token")
-    limiter.admit("192.0.2.5", "client-a", "token")  # one window, whichever the address
-    limiter.admit("192.0.2.9", "client-a", "token")
-    error = refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    limiter.admit("192.0.2.5", "client-a", "token").check()  # one window, whichever the address
+    limiter.admit("192.0.2.9", "client-a", "token").check()
+    error = refused(admitted, limiter, "192.0.2.1", "client-a", "token")
     assert "/token" in error.description and "3/minute" in error.description
     for _ in range(3):
-        limiter.admit("192.0.2.1", "client-a", "introspect")  # a limit of its own
-    assert "/introspect" in refused(limiter.admit, "192.0.2.1", "client-a", "introspect").description
+        limiter.admit("192.0.2.1", "client-a", "introspect").check()  # a limit of its own
+    assert "/introspect" in refused(admitted, limiter, "192.0.2.1", "client-a", "introspect").description
     for _ in range(5):
-        limiter.admit("192.0.2.1", "bulk", "token")  # the per-client override applies
-    refused(limiter.admit, "192.0.2.1", "bulk", "token")
+        limiter.admit("192.0.2.1", "bulk", "token").check()  # the per-client override applies
+    refused(admitted, limiter, "192.0.2.1", "bulk", "token")
     for _ in range(10):
-        limiter.admit("192.0.2.1", "client-b", None)  # no endpoint: counts nothing
+        limiter.admit("192.0.2.1", "client-b", None).check()  # no endpoint: counts nothing
 
 
 def test_admit_sees_failures_another_instance_counted(redis_url: str) -> None:
@@ -301,23 +306,23 @@ def test_admit_sees_failures_another_instance_counted(redis_url: str) -> None:
     first, second = Limiter(shared, redis_url), Limiter(shared, redis_url)
     for _ in range(3):
         first.record_failed_auth("192.0.2.1")
-    refused(second.admit, "192.0.2.1", "client-a", "token")  # refused, and counted
-    second.admit("192.0.2.2", "client-a", "token")
-    first.admit("192.0.2.2", "client-a", "token")
-    refused(second.admit, "192.0.2.2", "client-a", "token")  # the client's 4th, on either
+    refused(admitted, second, "192.0.2.1", "client-a", "token")  # refused, and counted
+    second.admit("192.0.2.2", "client-a", "token").check()
+    first.admit("192.0.2.2", "client-a", "token").check()
+    refused(admitted, second, "192.0.2.2", "client-a", "token")  # the client's 4th, on either
 
 
 def test_admit_reloads_its_scripts_when_redis_forgot_them(redis_url: str) -> None:
     limiter = Limiter(settings(), redis_url)
-    limiter.admit("192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token").check()
     client = redis.Redis.from_url(redis_url)
     try:
         client.script_flush()
     finally:
         client.close()
-    limiter.admit("192.0.2.1", "client-a", "token")
-    limiter.admit("192.0.2.1", "client-a", "token")
-    refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    refused(admitted, limiter, "192.0.2.1", "client-a", "token")
 
 
 # -- gateway ----------------------------------------------------------------------------------
@@ -386,7 +391,7 @@ def test_two_instances_on_one_redis_share_counts(redis_url: str) -> None:
     first.record_failed_auth("192.0.2.1")
     second.record_failed_auth("192.0.2.1")
     first.record_failed_auth("192.0.2.1")
-    refused(second.admit, "192.0.2.1", "client-a")
+    refused(admitted, second, "192.0.2.1", "client-a")
     # Another deployment on the same Redis (another issuer) counts apart.
     token_call(Limiter(settings(), redis_url), "client-a")
 
@@ -439,31 +444,31 @@ def test_redis_down_fails_closed_with_503_and_recovers(private_redis: PrivateRed
                                      "error_description": "rate limits cannot be checked right now"}
     server.start()  # same port: the instance recovers without a restart
     token_call(limiter, "client-a")
-    limiter.admit("192.0.2.1", "client-a")
+    limiter.admit("192.0.2.1", "client-a").check()
     assert limiter.hit_gateway("family", "conn", "drive") == Verdict()
 
 
 def test_a_redis_restart_between_requests_costs_no_request(private_redis: PrivateRedis) -> None:
     server = private_redis
     limiter = Limiter(settings(), server.url)
-    limiter.admit("192.0.2.1", "client-a", "token")  # loads the scripts
-    limiter.admit("192.0.2.2", "client-b", "token")  # and leaves its connection open
+    limiter.admit("192.0.2.1", "client-a", "token").check()  # loads the scripts
+    limiter.admit("192.0.2.2", "client-b", "token").check()  # and leaves its connection open
     server.stop()
     server.start()  # the connection is dead; Redis has forgotten the scripts and counts
     for _ in range(3):
-        limiter.admit("192.0.2.1", "client-a", "token")  # the first one: no 503
-    refused(limiter.admit, "192.0.2.1", "client-a", "token")
+        limiter.admit("192.0.2.1", "client-a", "token").check()  # the first one: no 503
+    refused(admitted, limiter, "192.0.2.1", "client-a", "token")
 
 
 def test_a_forked_process_counts_on_its_own_connection(redis_url: str) -> None:
     limiter = Limiter(settings(), redis_url)
-    limiter.admit("192.0.2.1", "client-a", "token")
-    limiter.admit("192.0.2.1", "client-b", "token")  # the parent's connection is open now
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    limiter.admit("192.0.2.1", "client-b", "token").check()  # the parent's connection is open now
     parents = limiter.storage._thread_connection()._sock.getsockname()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports through its exit status
         try:
-            limiter.admit("192.0.2.1", "client-a", "token")
+            limiter.admit("192.0.2.1", "client-a", "token").check()
             own = limiter.storage._thread_connection()._sock.getsockname()
             os._exit(0 if own != parents else 2)
         except BaseException:  # noqa: BLE001 - the child must exit, never return to pytest
@@ -471,8 +476,8 @@ def test_a_forked_process_counts_on_its_own_connection(redis_url: str) -> None:
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     # The child's call counted, on a socket of its own, and the parent's still answers.
-    limiter.admit("192.0.2.1", "client-a", "token")  # the third of three
-    refused(limiter.admit, "192.0.2.1", "client-a", "token")
+    limiter.admit("192.0.2.1", "client-a", "token").check()  # the third of three
+    refused(admitted, limiter, "192.0.2.1", "client-a", "token")
     assert limiter.storage._own.pid == os.getpid()
 
 

@@ -2,6 +2,12 @@
 
 A grant validates its own parameters, decides what the client may have, and mints. Nothing here
 knows of HTTP: :func:`issue` takes the parsed form and returns the JSON body to answer.
+
+The rate limiter's verdict (an :class:`~provider.ratelimit.Admission`) may still be on its way
+from Redis when a grant starts. A grant whose work up to minting has no effect (it parses,
+verifies, narrows) says so with ``CHECKS_ADMISSION_BEFORE_MINTING`` and checks it just before
+minting, so that the round trip overlaps that work; any other grant has it checked before it
+starts. :meth:`Grant.response` checks it in any case: nothing is issued before the verdict.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from provider.errors import (
     UnauthorizedClient,
     UnsupportedGrantType,
 )
+from provider.ratelimit import Admission
 from provider.scopes import covered_by_any, normalize_resource, parse_scope
 
 if TYPE_CHECKING:
@@ -25,10 +32,14 @@ if TYPE_CHECKING:
 
 class Grant:
     GRANT_TYPE: ClassVar[str]
+    # True only for a grant that does nothing with an effect before it calls self.admitted().
+    CHECKS_ADMISSION_BEFORE_MINTING: ClassVar[bool] = False
 
-    def __init__(self, provider: Provider, dpop_jkt: str | None = None):
+    def __init__(self, provider: Provider, dpop_jkt: str | None = None,
+                 admission: Admission = Admission.ADMITTED):
         self.provider = provider
         self.settings = provider.settings
+        self.admitted = admission.check  # raises the limiter's refusal
         # RFC 9449 §5: a proof at the token endpoint binds what is issued to the proof's key.
         self.dpop_jkt = dpop_jkt
         self.cnf = {"jkt": dpop_jkt} if dpop_jkt else None
@@ -79,6 +90,7 @@ class Grant:
     def response(self, token: str, claims: dict[str, Any], audit: dict[str, Any] | None = None,
                  **extra: Any) -> dict[str, Any]:
         """The RFC 6749 §5.1 body; the issuance is counted and audited (``audit``: more fields)."""
+        self.admitted()
         self.provider.issued(claims, self.GRANT_TYPE, **(audit or {}))
         return {
             "access_token": token,
@@ -90,9 +102,11 @@ class Grant:
 
 
 def issue(provider: Provider, client: Client, params: dict[str, Any],
-          dpop_jkt: str | None = None) -> dict[str, Any]:
+          dpop_jkt: str | None = None,
+          admission: Admission = Admission.ADMITTED) -> dict[str, Any]:
     """Dispatch on ``grant_type`` (RFC 6749 §5.2 errors for a missing, unknown or
-    unregistered one); ``dpop_jkt`` binds the issued token to a DPoP key."""
+    unregistered one); ``dpop_jkt`` binds the issued token to a DPoP key; ``admission`` is
+    the rate limiter's verdict on the request."""
     grant_type = params.get("grant_type")
     if not isinstance(grant_type, str):
         raise InvalidRequest("grant_type is required")
@@ -101,7 +115,9 @@ def issue(provider: Provider, client: Client, params: dict[str, Any],
         raise UnsupportedGrantType("this grant_type is not supported")
     if grant_type not in client.grant_types:
         raise UnauthorizedClient("this client is not registered for this grant type")
-    return grant(provider, dpop_jkt).issue(client, params)
+    if not grant.CHECKS_ADMISSION_BEFORE_MINTING:
+        admission.check()
+    return grant(provider, dpop_jkt, admission).issue(client, params)
 
 
 # The registry. Imported last: each grant module subclasses Grant from this one.

@@ -17,6 +17,7 @@ from provider.tokens import Lineage, mint_access_token
 
 class ClientCredentialsGrant(Grant):
     GRANT_TYPE = "client_credentials"
+    CHECKS_ADMISSION_BEFORE_MINTING = True
     schema = ClientCredentialsRequest()
 
     def issue(self, client: Client, params: dict[str, Any]) -> dict[str, Any]:
@@ -25,6 +26,7 @@ class ClientCredentialsGrant(Grant):
         audience = self.narrow_audience(
             list(client.audiences), request.get("audience", []), request.get("resource", [])
         )
+        self.admitted()
         now = time.time()
         token, claims = mint_access_token(
             self.provider.keys,

@@ -38,6 +38,7 @@ MAX_LINEAGE_IDS = 64
 
 class TokenExchangeGrant(Grant):
     GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+    CHECKS_ADMISSION_BEFORE_MINTING = True  # up to minting, it only reads and verifies
     schema = TokenExchangeRequest()
 
     def issue(self, client: Client, params: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +59,7 @@ class TokenExchangeGrant(Grant):
         )
 
         # Never outlive the subject token (nor the actor token).
+        self.admitted()
         now = time.time()
         expires_at = min(int(now) + self.lifetime(client), subject["exp"],
                          actor["exp"] if actor else subject["exp"])

@@ -10,6 +10,7 @@ from provider import fastjson
 from provider.client_auth import authenticate
 from provider.clients import Client
 from provider.errors import InvalidClient
+from provider.ratelimit import Admission
 from provider.service import Provider
 
 
@@ -27,12 +28,24 @@ def json_response(body: Any, status: int = 200, *, no_store: bool = True):
     return response
 
 
-def authenticated_client(credentials: dict[str, Any], counted_as: str | None = None) -> Client:
+def authenticated_client(credentials: dict[str, Any]) -> Client:
+    """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker
+    (see :func:`counted_client`), for an endpoint without a limit of its own."""
+    client, admission = counted_client(credentials, counted_as=None)
+    admission.check()
+    return client
+
+
+def counted_client(credentials: dict[str, Any],
+                   counted_as: str | None) -> tuple[Client, Admission]:
     """RFC 6749 §2.3 client authentication, behind the failed-authentication circuit breaker:
     every failure counts for its address, and an address over its limit is refused (429)
     whether its credentials are right or wrong, before they are looked at once this process
-    has seen it closed. ``counted_as`` ("token", "introspect") also
-    counts the request against the client's limit for that endpoint, in the same round trip."""
+    has seen it closed. ``counted_as`` ("token", "introspect") also counts the request against
+    the client's limit for that endpoint, in the same round trip.
+
+    The limiter's verdict comes back as an :class:`Admission`: the caller checks it before
+    anything with an effect, and may verify and parse while Redis answers."""
     p = provider()
     address = request.remote_addr or "-"
     p.limiter.refuse_known_closed(address)
@@ -43,8 +56,7 @@ def authenticated_client(credentials: dict[str, Any], counted_as: str | None = N
         p.limiter.record_failed_auth(address)  # 429 instead, once the address is over
         raise
     g.client_id = client.client_id
-    p.limiter.admit(address, client.client_id, counted_as)
-    return client
+    return client, p.limiter.admit(address, client.client_id, counted_as)
 
 
 def register(app: Flask) -> None:

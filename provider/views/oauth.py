@@ -10,7 +10,7 @@ from provider.errors import Forbidden
 from provider.introspection import introspect
 from provider.revocation import revoke_presented_token
 from provider.schemas import TokenRequest, load
-from provider.views import authenticated_client, json_response, provider
+from provider.views import authenticated_client, counted_client, json_response, provider
 from provider.views.forms import read_form
 
 bp = Blueprint("oauth", __name__)
@@ -20,24 +20,28 @@ _token_request = TokenRequest()
 @bp.post("/token")
 def token():
     form = read_form()
-    client = authenticated_client(form, counted_as="token")
-    jkt = None
-    if "DPoP" in request.headers:
-        jkt = provider().dpop.verify(request.headers.getlist("DPoP"), method="POST",
-                                     url=provider().settings.token_endpoint).jkt
-    elif client.dpop_required:
-        raise InvalidDPoPProof("this client must send a DPoP proof")
-    return json_response(grants.issue(provider(), client, form, dpop_jkt=jkt))
+    client, admission = counted_client(form, counted_as="token")
+    with admission:
+        jkt = None
+        if "DPoP" in request.headers:
+            admission.check()  # before the proof's jti is spent
+            jkt = provider().dpop.verify(request.headers.getlist("DPoP"), method="POST",
+                                         url=provider().settings.token_endpoint).jkt
+        elif client.dpop_required:
+            raise InvalidDPoPProof("this client must send a DPoP proof")
+        body = grants.issue(provider(), client, form, dpop_jkt=jkt, admission=admission)
+    return json_response(body)
 
 
 @bp.post("/introspect")
 def introspection():
     form = read_form()
-    client = authenticated_client(form, counted_as="introspect")
-    if not client.can_introspect:
-        raise Forbidden("this client may not introspect tokens")
-    params = load(_token_request, form)
-    answer = introspect(provider(), params["token"])
+    client, admission = counted_client(form, counted_as="introspect")
+    with admission:  # introspecting has no effect: done while the limiter answers
+        if not client.can_introspect:
+            raise Forbidden("this client may not introspect tokens")
+        params = load(_token_request, form)
+        answer = introspect(provider(), params["token"])
     provider().event("introspection", client_id=client.client_id, active=answer["active"],
                      jti=answer.get("jti"), sub=answer.get("sub"))
     return json_response(answer)
