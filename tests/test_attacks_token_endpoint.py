@@ -397,21 +397,25 @@ def test_failure_looks_the_same_for_unknown_client_and_wrong_secret(ctx, auth_sh
     assert "no-such-client" not in unknown.get_data(as_text=True)
 
 
-@pytest.fixture(params=["memory"] + (["redis"] if REDIS_URL else []))
-def flood_app(request, tmp_path, vault_keys):
-    """A provider of its own: the shared one's counters must not see this test's failures.
-    Its limits in memory, and with Redis (one round trip checks address and client at once)."""
+def own_provider(storage: str, tmp_path, vault_keys, rate_limits: dict[str, str]):
+    """A provider of its own, so that the shared one's counters see nothing of this test's;
+    its limits in memory, or in Redis (one round trip checks address and client at once)."""
     shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
-    overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/flood.db",
-                 "keys_dir": str(tmp_path / "keys"),
-                 "rate_limits": {"failed_client_auth": "3/minute"}}
-    if request.param == "redis":
+    overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/own.db",
+                 "keys_dir": str(tmp_path / "keys"), "rate_limits": rate_limits}
+    if storage == "redis":
         redis.Redis.from_url(REDIS_URL).flushdb()  # same issuer as other tests: same keys
         overrides["redis_url"] = REDIS_URL
     initialize(config.load(overrides=overrides))
     application = create_app(overrides)
     yield application
+    application.extensions["provider"].audit.close()
     application.extensions["provider"].storage.engine.dispose()
+
+
+@pytest.fixture(params=["memory"] + (["redis"] if REDIS_URL else []))
+def flood_app(request, tmp_path, vault_keys):
+    yield from own_provider(request.param, tmp_path, vault_keys, {"failed_client_auth": "3/minute"})
 
 
 def test_a_flood_of_failed_logins_closes_the_address_even_to_the_right_secret(flood_app):
@@ -458,19 +462,9 @@ def test_a_closed_address_is_refused_without_its_credentials_being_looked_at(flo
 
 @pytest.fixture(params=["memory"] + (["redis"] if REDIS_URL else []))
 def limited_app(request, tmp_path, vault_keys):
-    """A provider of its own allowing each client 3 calls a minute to /token and /introspect."""
-    shutil.copytree(vault_keys, tmp_path / "keys" / "vault")
-    overrides = {"issuer": ISSUER, "database_url": f"sqlite:///{tmp_path}/limited.db",
-                 "keys_dir": str(tmp_path / "keys"),
-                 "rate_limits": {"token": "3/minute", "introspect": "3/minute"}}
-    if request.param == "redis":
-        redis.Redis.from_url(REDIS_URL).flushdb()  # same issuer as other tests: same keys
-        overrides["redis_url"] = REDIS_URL
-    initialize(config.load(overrides=overrides))
-    application = create_app(overrides)
-    yield application
-    application.extensions["provider"].audit.close()
-    application.extensions["provider"].storage.engine.dispose()
+    """Each client may call /token and /introspect 3 times a minute."""
+    yield from own_provider(request.param, tmp_path, vault_keys,
+                            {"token": "3/minute", "introspect": "3/minute"})
 
 
 def issued_events(app) -> list[dict[str, Any]]:
