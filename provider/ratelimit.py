@@ -130,7 +130,7 @@ class Admission:
 
     def __init__(self, verdict: Callable[[], None] | None):
         self._verdict = verdict  # None once known
-        self._refusal: OAuthError | None = None
+        self._refusal: Exception | None = None
 
     @classmethod
     def refused(cls, refusal: OAuthError) -> Admission:
@@ -143,7 +143,7 @@ class Admission:
             verdict, self._verdict = self._verdict, None
             try:
                 verdict()
-            except OAuthError as refusal:
+            except Exception as refusal:  # noqa: BLE001 - any failure refuses, every time
                 self._refusal = refusal
         if self._refusal is not None:
             raise self._refusal

@@ -24,7 +24,7 @@ from flask import Flask
 from provider import config, errors
 from provider.config import ConfigError, RateLimit
 from provider.errors import TemporarilyUnavailable
-from provider.ratelimit import Limiter, RateLimited, Verdict, key_prefix
+from provider.ratelimit import Admission, Limiter, RateLimited, Verdict, key_prefix
 from tests.servers import free_port
 
 REDIS_URL = os.environ.get("PROVIDER_TEST_REDIS_URL")
@@ -156,6 +156,19 @@ def test_refusal_renders_as_rfc6749_json_with_retry_after(storage: str) -> None:
     assert response.get_json()["error"] == "temporarily_unavailable"
     assert int(response.headers["Retry-After"]) >= 1
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_verdict_that_failed_refuses_every_time_it_is_checked() -> None:
+    """Read once, a verdict that failed (a lost reply, a bug) must not pass a second check."""
+    def lost() -> None:
+        raise ConnectionError("the reply was lost")
+
+    admission = Admission(lost)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            admission.check()
+    with pytest.raises(ConnectionError), admission:
+        pass
 
 
 def test_per_client_token_limit_overrides_the_default(storage: str) -> None:
