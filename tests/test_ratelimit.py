@@ -325,6 +325,18 @@ def test_admit_sees_failures_another_instance_counted(redis_url: str) -> None:
     refused(admitted, second, "192.0.2.2", "client-a", "token")  # the client's 4th, on either
 
 
+def test_a_verdict_left_unread_is_never_read_as_the_next_ones(redis_url: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The count is sent before its verdict is read; a verdict a caller never read must not be
+    taken for the next request's: the 4th call of 3 a minute is refused, not let in."""
+    limiter = Limiter(settings(), redis_url)
+    limiter.admit("192.0.2.1", "client-a", "token")  # counted, never read
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    limiter.admit("192.0.2.1", "client-a", "token").check()
+    refused(admitted, limiter, "192.0.2.1", "client-a", "token")
+    assert "never read" in caplog.text
+
+
 def test_admit_reloads_its_scripts_when_redis_forgot_them(redis_url: str) -> None:
     limiter = Limiter(settings(), redis_url)
     limiter.admit("192.0.2.1", "client-a", "token").check()
