@@ -172,6 +172,14 @@ TOKEN_REQUESTS = [
             f"{CC}&pad={'a' * MAX_REQUEST_BYTES}&grant_type=password".encode()),
         content_type=FORM, headers={**c.svc.basic, "Transfer-Encoding": "chunked"},
         environ_overrides={"wsgi.input_terminated": True}), 413, "invalid_request"),
+    # A body cut short of its Content-Length (the client went away mid-body, or lied): the
+    # part that came is never taken for the whole request.
+    row("body-shorter-than-content-length", lambda c: c.http.post(
+        "/token", input_stream=BytesIO(CC.encode()), content_type=FORM, headers=c.svc.basic,
+        environ_overrides={"CONTENT_LENGTH": str(len(CC) + 40)}), 400, "invalid_request"),
+    row("content-length-not-a-number", lambda c: c.http.post(
+        "/token", input_stream=BytesIO(CC.encode()), content_type=FORM, headers=c.svc.basic,
+        environ_overrides={"CONTENT_LENGTH": "twenty"}), 400, "invalid_request"),
     row("too-many-fields", lambda c: c.post(
         CC + "".join(f"&x{i}=1" for i in range(100))), 400, "invalid_request"),
     # RFC 6749 §3.3: scope within what is registered, and well-formed.
