@@ -217,9 +217,9 @@ def render(error: OAuthError):
     """The one place an error becomes a response; every refusal is counted and audited."""
     endpoint = request.endpoint or "unknown"
     g.outcome = error.error
-    metrics.REFUSALS.labels(endpoint, error.error).inc()
+    metrics.count(metrics.REFUSALS, endpoint, error.error)
     if error.status_code == 429:
-        metrics.RATE_LIMIT_HITS.labels(endpoint).inc()
+        metrics.count(metrics.RATE_LIMIT_HITS, endpoint)
     provider = current_app.extensions.get("provider")
     if provider is not None:
         provider.event("refusal", endpoint=endpoint, error=error.error, status=error.status_code,
@@ -243,7 +243,7 @@ def init_app(app: Flask) -> None:
         request_id = g.get("request_id")
         if request_id:
             response.headers["X-Request-Id"] = request_id
-        metrics.REQUESTS.labels(request.endpoint or "unknown", g.get("outcome", "ok")).inc()
+        metrics.count(metrics.REQUESTS, request.endpoint or "unknown", g.get("outcome", "ok"))
         return response
 
     @app.errorhandler(OAuthError)

@@ -20,6 +20,7 @@ types, upstream names from the config): never a client id, subject, path or toke
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -57,6 +58,17 @@ SUSPENSIONS = Counter("provider_suspensions_total", "Suspensions (e.g. of a toke
                       ["kind"])
 
 
+def count(metric: Counter, *labels: str) -> None:
+    """Add one to ``metric``'s series for ``labels``. The series is looked up once: finding it
+    through ``labels()`` each time cost as much as counting (0.7 µs), twice a request."""
+    _series(metric, labels).inc()
+
+
+@functools.lru_cache(maxsize=1024)  # label values are bounded sets (see above); this is a bound
+def _series(metric: Counter, labels: tuple[str, ...]) -> Counter:
+    return metric.labels(*labels)
+
+
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric, and its content type."""
     if _multiprocess():
@@ -81,4 +93,4 @@ def _multiprocess() -> bool:
 
 
 __all__ = ["GATEWAY_UPSTREAM_SECONDS", "RATE_LIMIT_HITS", "REFUSALS", "REQUESTS", "REVOCATIONS",
-           "SUSPENSIONS", "TOKENS_EXCHANGED", "TOKENS_ISSUED", "render"]
+           "SUSPENSIONS", "TOKENS_EXCHANGED", "TOKENS_ISSUED", "count", "render"]

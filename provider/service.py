@@ -73,12 +73,12 @@ class Provider:
 
     def issued(self, claims: dict[str, Any], grant_type: str, **fields: Any) -> None:
         """Count and audit an issued access token (never the token: its jti)."""
-        metrics.TOKENS_ISSUED.labels(grant_type).inc()
+        metrics.count(metrics.TOKENS_ISSUED, grant_type)
         self.event("token.issued", grant_type=grant_type, client_id=claims["client_id"],
                    sub=claims["sub"], jti=claims["jti"], scope=claims["scope"], **fields)
 
     def _revoked(self, kind: str, value: str, reason: str) -> None:
-        metrics.REVOCATIONS.labels(kind).inc()
+        metrics.count(metrics.REVOCATIONS, kind)
         field = {"token": "jti", "subject": "sub", "client": "client_id"}[kind]
         self.event("revocation", reason=reason, **{field: value})
 
@@ -89,7 +89,7 @@ class Provider:
         else:
             self.revocations.revoke_ids([(value, int(time.time()) + self.revocation_horizon())],
                                         reason)
-        metrics.SUSPENSIONS.labels(kind).inc()
+        metrics.count(metrics.SUSPENSIONS, kind)
         self.event("alert", kind=f"{kind} suspended", suspended=value, reason=reason)
         self.alerts.send(f"{kind} suspended", suspended=value, reason=reason)
 

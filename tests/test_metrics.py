@@ -103,6 +103,33 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path):
 
 
 
+COUNT_ACROSS_FORK = """
+import os
+from provider import metrics
+metrics.count(metrics.REQUESTS, "token", "ok")  # the series is found here, before the fork
+pid = os.fork()
+if pid == 0:
+    metrics.count(metrics.REQUESTS, "token", "ok")
+    metrics.count(metrics.REQUESTS, "token", "ok")
+    os._exit(0)
+os.waitpid(pid, 0)
+metrics.count(metrics.REQUESTS, "token", "ok")
+"""
+
+
+def test_a_series_found_before_a_fork_counts_in_each_process_once(tmp_path):
+    """gunicorn forks its workers from a parent that has served nothing; a series looked up
+    once must still count each worker's requests in that worker's file, and never twice."""
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", COUNT_ACROSS_FORK], env=environment, cwd=REPO,
+                   check=True, timeout=60)
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2
+    rendered = subprocess.run([sys.executable, "-c", RENDER], env=environment, cwd=REPO,
+                              check=True, timeout=60, capture_output=True).stdout
+    assert samples(rendered)[("provider_requests_total",
+                              (("endpoint", "token"), ("outcome", "ok")))] == 4
+
+
 def test_a_directory_set_after_import_serves_this_process_and_says_so(tmp_path, monkeypatch,
                                                                       caplog):
     """This process imported prometheus_client without the variable: its values are in memory,
