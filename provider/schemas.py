@@ -119,6 +119,8 @@ def load(schema: Schema, params: dict[str, Any]) -> dict[str, Any]:
         return schema.load(params)
     except ValidationError as error:
         field, messages = next(iter(sorted(error.normalized_messages().items())))
+        if field not in schema.load_fields:  # a name the sender made up: never reflected
+            raise InvalidRequest("a field is not one of this request's") from None
         message = messages[0] if isinstance(messages, list) else messages
         if isinstance(message, dict):
             message = next(iter(message.values()))

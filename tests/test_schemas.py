@@ -12,6 +12,7 @@ from provider.schemas import (
     AuthorizationCodeRequest,
     ClientCredentialsRequest,
     ConnectRequest,
+    DepositRequest,
     RefreshTokenRequest,
     Request,
     TokenExchangeRequest,
@@ -135,6 +136,12 @@ def test_loaded_lists_are_copies():
     (ClientCredentialsRequest(), {"audience": ["a"] * 33}, "audience: longer than maximum length 32"),
     (TokenExchangeRequest(), {"subject_token": "t"}, "subject_token_type: missing data for "
                                                      "required field"),
+    # An unknown field's name is the sender's text: it is never reflected.
+    (DepositRequest(), {"subject": "s", "upstream": "u", "access_token": "a",
+                        "\u0019,[\u0018\udadf\udc5b": None}, "a field is not one of this request's"),
+    (DepositRequest(), {"subject": "s", "upstream": "u", "access_token": "a",
+                        "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln": 1},
+     "a field is not one of this request's"),
 ])
 def test_a_refusal_names_the_field_and_the_rule(schema, params, message):
     with pytest.raises(InvalidRequest) as refused:
