@@ -119,7 +119,9 @@ def load(schema: Schema, params: dict[str, Any]) -> dict[str, Any]:
         return schema.load(params)
     except ValidationError as error:
         field, messages = next(iter(sorted(error.normalized_messages().items())))
-        if field not in schema.load_fields:  # a name the sender made up: never reflected
+        # An unknown field's name is the sender's text: never reflected. (``_schema`` holds
+        # what a schema-wide validator says.)
+        if field not in schema.load_fields and field != "_schema":
             raise InvalidRequest("a field is not one of this request's") from None
         message = messages[0] if isinstance(messages, list) else messages
         if isinstance(message, dict):
