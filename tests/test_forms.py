@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from provider.views import forms
 from provider.views.forms import MAX_FIELDS, decode_pairs
 
 
@@ -61,3 +62,14 @@ def test_the_number_of_fields_is_bounded_as_parse_qsl_bounds_it(fields):
 @pytest.mark.parametrize("value", ["%C3%A9%26%3D%2B+a" * 5000, "a+b" * 200, "a" * 300 + "%ff"])
 def test_a_long_value_is_decoded_as_a_short_one(value):
     assert _ours("v=" + value) == _reference("v=" + value)
+
+
+def test_only_values_that_name_types_scopes_and_targets_are_remembered():
+    """A credential sent in the body (client_secret_post, a token to revoke, a code) is never
+    kept in the decoder's memory, whatever its escapes."""
+    forms._remembered.cache_clear()
+    pairs = decode_pairs("client_secret=s%2Bcret&token=t%2Bken&code=c%2Bde&refresh_token=r%2Bt"
+                         "&scope=files%3Aread&grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type"
+                         "%3Atoken-exchange")
+    assert dict(pairs)["client_secret"] == "s+cret"
+    assert forms._remembered.cache_info().currsize == 2  # the scope and the grant type

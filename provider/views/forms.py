@@ -82,24 +82,31 @@ def decode_pairs(text: str) -> list[tuple[str, str]]:
     dropped, "+" read as a space, percent escapes decoded as UTF-8, strictly.
     ``ValueError`` for too many fields, ``UnicodeDecodeError`` for an escape that is not UTF-8.
 
-    Unlike ``parse_qsl``, a short value is decoded once and remembered (the last 4096 of at
-    most 256 characters): the grant and token types, scopes and resources a client sends are
-    the same from one request to the next, and decoding their escapes afresh was most of the
-    10 µs ``parse_qsl`` took for an exchange's body (2 µs now)."""
+    Unlike ``parse_qsl``, the values of the parameters that name types, scopes and targets
+    (never a token, secret or assertion) are decoded once and remembered, the last 4096 of at
+    most 256 characters: a client sends the same ones from one request to the next, and
+    decoding their escapes afresh was most of the 10 µs ``parse_qsl`` took for an exchange's
+    body (2 µs now)."""
     if text.count("&") >= MAX_FIELDS:
         raise ValueError("too many fields")
     pairs = []
     for field in text.split("&"):
         name, _, value = field.partition("=")
         if value:  # RFC 6749 §3.1: sent without a value is omitted
-            pairs.append((_decode(name), _decode(value)))
+            name = _decode(name, remember=False)
+            pairs.append((name, _decode(value, remember=name in _REMEMBERED)))
     return pairs
 
 
-def _decode(text: str) -> str:
+# Parameters whose values are worth remembering, and safe to: none carries a credential.
+_REMEMBERED = frozenset({"grant_type", "scope", "resource", "audience", "subject_token_type",
+                         "actor_token_type", "requested_token_type", "token_type_hint"})
+
+
+def _decode(text: str, remember: bool) -> str:
     if "%" not in text and "+" not in text:
         return text
-    return _unquote_plus(text) if len(text) > 256 else _remembered(text)
+    return _remembered(text) if remember and len(text) <= 256 else _unquote_plus(text)
 
 
 def _unquote_plus(text: str) -> str:
