@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support import ACCESS_TOKEN_TYPE, claims_of
 
 
@@ -47,3 +49,26 @@ def test_healthz_reports_ready(oauth):
     response = oauth.http.get("/healthz")
     assert response.status_code == 200
     assert response.get_json()["checks"] == {"database": "ok", "keys": "ok", "redis": "unused"}
+
+
+def test_healthz_liveness_holds_while_a_dependency_is_down(oauth, monkeypatch):
+    """A liveness probe restarts what fails it: a database or Redis outage must not restart
+    every instance. ``probe=live`` says only that the process answers; readiness still fails."""
+    def outage():
+        raise RuntimeError("simulated outage")
+
+    monkeypatch.setattr(oauth.provider.storage, "ping", outage)
+    assert oauth.http.get("/healthz").status_code == 503
+    assert oauth.http.get("/healthz?probe=ready").status_code == 503
+    live = oauth.http.get("/healthz?probe=live")
+    assert live.status_code == 200
+    assert live.get_json() == {"status": "ok"}
+    assert live.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("query", ["probe=alive", "probe=", "probe=LIVE", "probe=live&probe=live",
+                                   "probe=live&probe=ready", "probe=%FF"])
+def test_healthz_refuses_an_unknown_or_repeated_probe(oauth, query):
+    response = oauth.http.get(f"/healthz?{query}")
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "invalid_request"

@@ -271,11 +271,16 @@ SUCCESSES: list[tuple[str, int, Scenario]] = [
     ("healthz when ready", 200, lambda w, m: w.http.get("/healthz")),
     ("healthz when the database is down", 503,
      lambda w, m: (w.fail_with(m, w.oauth.provider.storage, "ping"), w.http.get("/healthz"))[1]),
+    ("healthz liveness while the database is down", 200,
+     lambda w, m: (w.fail_with(m, w.oauth.provider.storage, "ping"),
+                   w.http.get("/healthz?probe=live"))[1]),
     ("the openapi document", 200, lambda w, m: w.http.get("/openapi.yaml")),
     ("metrics", 200, lambda w, m: w.http.get("/metrics")),
 ]
 
 ERRORS: list[tuple[str, int, str, Scenario]] = [
+    ("healthz with an unknown probe", 400, "invalid_request",
+     lambda w, m: w.http.get("/healthz?probe=alive")),
     # 401 invalid_client, whichever method was used
     ("no client authentication", 401, "invalid_client",
      lambda w, m: w.post("/token", None, {"grant_type": "client_credentials"})),

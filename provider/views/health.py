@@ -1,20 +1,34 @@
-"""Liveness and readiness."""
+"""Liveness and readiness: one route, two probes.
+
+Readiness (``GET /healthz``, or ``?probe=ready``) checks the database, Redis (if configured)
+and a signing key: a load balancer sends no traffic to an instance that cannot serve it.
+Liveness (``?probe=live``) checks nothing but that the process answers: a probe that restarts
+what fails it must not restart every instance because the database or Redis is away.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint
+from flask import Blueprint, request
 
+from provider.errors import InvalidRequest
 from provider.views import json_response, provider
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger("provider.health")
+PROBES = ("ready", "live")
 
 
 @bp.get("/healthz")
 def healthz():
-    """200 when the database, Redis (if configured) and a signing key are usable; else 503."""
+    """Readiness: 200 when the database, Redis (if configured) and a signing key are usable,
+    else 503 naming what failed. Liveness: 200."""
+    probes = request.args.getlist("probe")
+    if len(probes) > 1 or (probes and probes[0] not in PROBES):
+        raise InvalidRequest("probe must be given at most once, as live or ready")
+    if probes == ["live"]:
+        return json_response({"status": "ok"})
     p = provider()
     checks = {}
     for name, check in (("database", p.storage.ping), ("keys", p.keys.signer),
