@@ -63,7 +63,7 @@ from provider.errors import OAuthError, TemporarilyUnavailable
 
 log = logging.getLogger("provider.ratelimit")
 
-_FAILED_AUTH = "too many failed client authentications from this address"
+_FAILED_AUTH = "the limit on failed client authentications from this address"
 _MAX_KNOWN_CLOSED = 10000  # addresses a process remembers as closed
 REDIS_SOCKET_TIMEOUT = 1.0
 """Seconds a Redis command may take before the check fails closed."""
