@@ -6,6 +6,7 @@ Protocol modules take a :class:`Provider` and know nothing of Flask; the views p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from provider.clients import ClientRegistry, SecretHasher
 from provider.config import ConfigError, Settings
 from provider.connections import revoke_connection
 from provider.dpop import DPoP
+from provider.errors import TemporarilyUnavailable
 from provider.gateway import Gateway
 from provider.keys import KeySet
 from provider.ratelimit import Limiter, NoLimits
@@ -83,15 +85,28 @@ class Provider:
         self.event("revocation", reason=reason, **{field: value})
 
     def suspend(self, kind: str, value: str, reason: str) -> None:
-        """A circuit breaker tripped: revoke with a reason, count, audit and alert."""
+        """A circuit breaker tripped: revoke with a reason, then count, audit and alert, once.
+
+        Several requests, on several instances, can see the threshold crossed before the
+        revocation reaches them (instances sync within a second): each revokes (the same
+        revocation again), and only the first alerts, so that one incident pages once."""
+        until = int(time.time()) + self.revocation_horizon()
         if kind == "connection":
             revoke_connection(self, value, reason, delete=False)
         else:
-            self.revocations.revoke_ids([(value, int(time.time()) + self.revocation_horizon())],
-                                        reason)
+            self.revocations.revoke_ids([(value, until)], reason)
+        if not self._first_suspension(kind, value, until):
+            return
         metrics.count(metrics.SUSPENSIONS, kind)
         self.event("alert", kind=f"{kind} suspended", suspended=value, reason=reason)
         self.alerts.send(f"{kind} suspended", suspended=value, reason=reason)
+
+    def _first_suspension(self, kind: str, value: str, until: int) -> bool:
+        key = hashlib.sha256(f"suspension\0{kind}\0{value}".encode()).hexdigest()
+        try:
+            return self.replay.first_use(key, until)
+        except TemporarilyUnavailable:  # the shared store is away: alert twice rather than never
+            return True
 
     def start(self) -> None:
         """Load keys and revocations now, so that a missing ``init`` fails at start-up."""

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from provider import config, create_app
 from provider.service import initialize
 from provider.vault import Vault
+from tests.servers import Webhook
 from tests.support import ISSUER, OAuth
 from tests.upstream import FakeUpstream
 
@@ -137,3 +138,15 @@ def upstream_fixture() -> Iterator[FakeUpstream]:
     """A running :class:`tests.upstream.FakeUpstream`, stopped after the test."""
     with FakeUpstream().start() as fake:
         yield fake
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    hook.thread.start()
+    try:
+        yield hook
+    finally:
+        hook.release.set()
+        hook.server.shutdown()
+        hook.server.server_close()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
 
 def free_port() -> int:
@@ -82,3 +87,28 @@ def redis_server(port: int | None = None) -> Iterator[tuple[str, int]]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+SECRET_PATH = "/hooks/s3cr3t-path-token"  # a webhook URL's path is a secret of its own
+
+
+class Webhook:
+    """A local HTTP server recording what is POSTed to it; ``delay`` makes it slow."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.content_types: list[str] = []
+        self.delay = 0.0
+        self.status = 204
+        self.release = threading.Event()
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}{SECRET_PATH}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @Request.application
+    def app(self, request: Request) -> Response:
+        if self.delay:
+            self.release.wait(self.delay)
+        self.content_types.append(request.content_type or "")
+        self.received.append(json.loads(request.get_data()))
+        return Response(status=self.status)

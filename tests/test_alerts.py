@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
 
 import pytest
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from provider import alerts as alerts_module
 from provider.alerts import Alerts
-from tests.servers import free_port
-
-SECRET_PATH = "/hooks/s3cr3t-path-token"
-
-
-class Webhook:
-    """A local HTTP server recording what is POSTed to it; ``delay`` makes it slow."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.content_types: list[str] = []
-        self.delay = 0.0
-        self.status = 204
-        self.release = threading.Event()
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}{SECRET_PATH}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @Request.application
-    def app(self, request: Request) -> Response:
-        if self.delay:
-            self.release.wait(self.delay)
-        self.content_types.append(request.content_type or "")
-        self.received.append(json.loads(request.get_data()))
-        return Response(status=self.status)
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    hook.thread.start()
-    try:
-        yield hook
-    finally:
-        hook.release.set()
-        hook.server.shutdown()
-        hook.server.server_close()
+from tests.servers import SECRET_PATH, Webhook, free_port
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> str:
