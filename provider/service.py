@@ -102,6 +102,8 @@ class Provider:
         self.alerts.send(f"{kind} suspended", suspended=value, reason=reason)
 
     def _first_suspension(self, kind: str, value: str, until: int) -> bool:
+        """Whether this is the first suspension of ``value`` seen by any instance (claimed in the
+        replay cache until ``until``, when its revocation lapses too)."""
         key = hashlib.sha256(f"suspension\0{kind}\0{value}".encode()).hexdigest()
         try:
             return self.replay.first_use(key, until)

@@ -1,4 +1,5 @@
-"""Real ``token-provider serve`` processes for tests that cross processes."""
+"""Real servers for tests: ``token-provider serve`` processes for tests that cross processes,
+and a webhook receiver."""
 
 from __future__ import annotations
 

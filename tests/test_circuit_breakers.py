@@ -65,6 +65,7 @@ def suspensions(oauth, kind: str) -> float:
 
 def test_a_family_past_the_threshold_is_suspended_and_alerted_once(oauth, caller, upstream,
                                                                     webhook):
+    counted = {kind: suspensions(oauth, kind) for kind in ("family", "connection")}
     connection = deposit(oauth, caller, upstream)
     root = connection["access_token"]
     narrow = oauth.exchanged(caller, root, scope="files:read", resource=f"{GATEWAY}/files/abc")
@@ -84,7 +85,8 @@ def test_a_family_past_the_threshold_is_suspended_and_alerted_once(oauth, caller
     assert kinds == ["connection suspended", "family suspended"]
     assert all(alert["reason"] == REASON for alert in received)
     assert sorted(e["kind"] for e in events) == kinds
-    assert suspensions(oauth, "family") == 1 and suspensions(oauth, "connection") == 1
+    assert {kind: suspensions(oauth, kind) - before for kind, before in counted.items()} == {
+        "family": 1, "connection": 1}
     revocations = [e for e in oauth.provider.audit.query() if e["type"] == "revocation"]
     assert {e["reason"] for e in revocations} == {REASON}
 
