@@ -143,7 +143,9 @@ _Rule = tuple[str, bool, int, float, _Bounds | None]
 def _plain_loader(schema: Schema) -> Callable[[Any], dict[str, Any] | None] | None:
     """The plain check of ``schema``'s rules, or None if they are not all plain ones."""
     # ``_hooks``: the schema's pre/post-load and validation methods, which marshmallow must run.
-    if schema.partial or any(schema._hooks.values()):
+    # A private attribute: a marshmallow without it gets no plain check, rather than an error.
+    hooks = getattr(schema, "_hooks", None)
+    if schema.partial or not isinstance(hooks, dict) or any(hooks.values()):
         return None
     rules: list[_Rule] = []
     for name, field in schema.load_fields.items():
