@@ -1,6 +1,7 @@
 """The baseline: a trivial Flask app doing only the work each endpoint inherently needs.
 
-Served exactly like the provider (``gunicorn -w 2 -k sync --preload bench.baseline_app:app``) and
+Served exactly like the provider (``gunicorn -w 2 -k provider.serving.SyncWorker --preload
+bench.baseline_app:app``, the worker ``serve`` runs) and
 sent exactly the same requests: the same Basic credentials (the provider's client ids and
 secrets) and the same subject and introspected tokens (the provider's own, verified with its
 public key). Per request:

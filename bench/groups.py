@@ -154,7 +154,8 @@ class Context:
             {"base_url": f"http://127.0.0.1:{core.upstream_port}/api", "token": core.upstream_token})
         env = {**os.environ, "BENCH_BASELINE_CONFIG": str(config), "PYTHONPATH": str(REPO)}
         port = free_port()
-        command = [str(fixtures.venv_bin() / "gunicorn"), "-w", str(WORKERS), "-k", "sync",
+        command = [str(fixtures.venv_bin() / "gunicorn"), "-w", str(WORKERS),
+                   "-k", "provider.serving.SyncWorker",
                    "--preload", "-b", f"127.0.0.1:{port}", "--timeout", "60",
                    "--graceful-timeout", "10", "bench.baseline_app:app"]
         baseline = self.start(Server("baseline", command, port, env, REPO,

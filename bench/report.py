@@ -328,7 +328,7 @@ def render(run: Run) -> str:
     rows = run.rows
     lines = [
         f"token-provider bench ({', '.join(run.groups)}): {run.seconds:g} s per run, wrk -t2, "
-        f"gunicorn sync x2 --preload, {cpus} CPUs, load average "
+        f"gunicorn provider.serving.SyncWorker x2 --preload, {cpus} CPUs, load average "
         f"{run.machine.get('loadavg_before', [0.0])[0]:.2f} before",
         "ratio = measured req/s / reference req/s, both measured in this run in interleaved "
         "slices; slices = that",

@@ -1,9 +1,10 @@
 """Server processes: started in their own process group, stopped whole, sampled for memory.
 
 The provider and the baseline run under gunicorn with the provider's production settings:
-sync workers, two of them (one for the single-worker instances), the application loaded in the
-master before forking; the gateway's upstream runs under gunicorn too. The master is the process
-started here; its children are the workers whose peak RSS is reported.
+sync workers (``provider.serving.SyncWorker``, which ``serve`` runs), two of them (one for the
+single-worker instances), the application loaded in the master before forking; the gateway's
+upstream runs under gunicorn too. The master is the process started here; its children are the
+workers whose peak RSS is reported.
 """
 
 from __future__ import annotations
