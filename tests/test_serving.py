@@ -75,6 +75,15 @@ def test_a_client_keeping_its_connection_open_does_not_hold_the_worker(url):
             client.close()
 
 
+def test_a_response_without_a_body_is_sent_whole(url):
+    # Its headers, held back to go out with the body, go out with the close instead.
+    with connect(url) as client:
+        client.sendall(LIVE.replace(b"GET", b"HEAD", 1))
+        head = read_to_end(client)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head.endswith(b"\r\n\r\n")
+
+
 def test_a_response_is_whole_when_the_client_sent_bytes_never_read(url):
     # A request with more after it than the server reads (it reads 8 KiB at a time): the kernel
     # still holds unread bytes when the response is sent, and closing then would send a reset
