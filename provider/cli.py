@@ -160,7 +160,7 @@ def serve(host: str, port: int, workers: int, role: str | None) -> None:
             settings = {
                 "bind": f"{host}:{port}",
                 "workers": workers,
-                "worker_class": "provider.serving.SyncWorker",  # closes without lingering
+                "worker_class": "provider.serving.SyncWorker",  # gunicorn's sync, closing promptly
                 "preload_app": True,
                 "timeout": 60,
                 "graceful_timeout": 10,

@@ -36,8 +36,7 @@ def url(tmp_path_factory):
 
 def connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    client = socket.create_connection((host, int(port)), timeout=PATIENCE)
-    return client
+    return socket.create_connection((host, int(port)), timeout=PATIENCE)
 
 
 def read_to_end(client: socket.socket) -> bytes:
